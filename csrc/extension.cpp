@@ -1,0 +1,42 @@
+// noisynn_kernels._C: the compiled part of the package.
+//
+// Fused CPU and CUDA kernels register here as noisynn:: ops; the pybind11 module carries what is not
+// an op: the build's own description, so backend_info() can say exactly what was compiled.
+#include <torch/extension.h>
+#include <torch/version.h>
+
+#include <string>
+
+namespace noisynn {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                          "." + std::to_string(TORCH_VERSION_PATCH);
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  info["compiler"] = std::string("unknown");
+#endif
+#if defined(_OPENMP)
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#if defined(WITH_CUDA)
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cpu_kernels"] = pybind11::list();
+  return info;
+}
+
+}  // namespace noisynn
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "noisynn_kernels compiled extension";
+  m.def("build_info", &noisynn::build_info, "What this build of the extension contains.");
+}

@@ -1,0 +1,28 @@
+"""noisynn_kernels: NoisyNN noise injection as fused PyTorch ops and timm models.
+
+Quick start::
+
+    import timm, noisynn_kernels as nk
+    model = timm.create_model("noisy_vit_small_patch16_224", noise=nk.NoiseConfig(kind="optimal", axis="tokens"))
+    y = nk.linear_transform_noise(x, "shift", axis="rows", alpha=0.3, prefix_tokens=1)
+"""
+
+from . import quality, reference
+from ._ext import backend_info
+from .config import KINDS, POSITIONS, NoiseConfig
+from .errors import (BackendUnavailableError, BatchDependenceError, ConfigError, NoisyNNError, QualityMatrixError,
+                     ShapeError, UnsupportedModelError)
+from .functional import AXES, gaussian_noise, linear_transform_noise, salt_and_pepper_noise
+from .nn import NoiseInjection
+from .models import NOISY_MODELS, apply_noisynn, noise_config, remove_noisynn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quality", "reference", "backend_info",
+    "NoiseConfig", "KINDS", "AXES", "POSITIONS",
+    "linear_transform_noise", "gaussian_noise", "salt_and_pepper_noise",
+    "NoiseInjection", "apply_noisynn", "remove_noisynn", "noise_config", "NOISY_MODELS",
+    "NoisyNNError", "QualityMatrixError", "ShapeError", "ConfigError", "BatchDependenceError",
+    "BackendUnavailableError", "UnsupportedModelError",
+]

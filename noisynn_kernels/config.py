@@ -1,0 +1,215 @@
+"""NoiseConfig: what noise, where in the model, and when it is on."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from . import quality
+from .errors import BatchDependenceError, ConfigError
+
+__all__ = ["NoiseConfig", "KINDS", "RANDOM_KINDS", "POSITIONS"]
+
+#: Every noise kind: the linear transform kinds, then the random (harmful) ones.
+RANDOM_KINDS = ("gaussian", "salt_and_pepper")
+KINDS = quality.LINEAR_KINDS + RANDOM_KINDS
+
+#: Where in a model the noise is injected.
+POSITIONS = ("block_input", "attn_input", "image")
+
+_AXES = ("batch", "tokens", "rows")
+
+BATCH_DEPENDENCE_MESSAGE = (
+    "mixing along axis='batch' at inference makes every prediction depend on the other samples in its batch "
+    "(the NoisyNN paper's headline accuracy was measured this way, on class-sorted test batches). "
+    "Pass allow_batch_dependence=True to ask for it explicitly, or set eval=False to mix only in training, "
+    "or use a sample-local axis ('tokens' or 'rows')."
+)
+
+
+def _number(name: str, value, *, lo=-math.inf, hi=math.inf) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+    return v
+
+
+@dataclass(frozen=True, eq=False)
+class NoiseConfig:
+    """One NoisyNN noise: its kind and parameters, where it is injected and in which modes.
+
+    Attributes:
+        kind: ``identity``, ``shift``, ``optimal``, ``dense`` (linear transform noise ``(I+Q)X``) or
+            ``gaussian``, ``salt_and_pepper`` (random harmful noise).
+        axis: mixed axis of linear noise: ``tokens`` (patch tokens of one sample / H*W positions),
+            ``rows`` (rows of the patch grid / H) or ``batch`` (the samples of the mini-batch).
+        alpha: shift strength ``a`` in ``[0, 1]`` (``shift`` only).
+        matrix: the ``k x k`` quality matrix ``Q`` (``dense`` only); ``M = I + Q``.
+        std, mean, strength: Gaussian noise ``x + strength * N(mean, std)``.
+        p: salt-and-pepper probability in ``[0, 1]``; ``low``/``high``: its values (default: the
+            detached batch minimum/maximum; give the pixel range for ``position='image'``).
+        layer: index of the block the noise sits in; negative counts from the end (``-1``: last).
+        position: ``block_input`` (the residual stream entering block ``layer``), ``attn_input``
+            (the LayerNorm-1 output inside block ``layer``, as the official ViT code) or ``image``
+            (the model input).
+        train, eval: apply the noise in training mode / in eval mode.
+        straight_through: forward ``M x``, gradient the identity (linear kinds).
+        allow_batch_dependence: explicit opt-in to ``axis='batch'`` with ``eval=True``.
+        check_matrix: validate ``I + Q`` (invertible, row dominance); ``False`` overrides.
+        seed: seed of the random kinds' own generator (``None``: the global RNG).
+
+    The config validates itself on construction and raises :class:`~noisynn_kernels.ConfigError`,
+    :class:`~noisynn_kernels.QualityMatrixError` or :class:`~noisynn_kernels.BatchDependenceError`.
+    """
+
+    kind: str = "optimal"
+    axis: str = "tokens"
+    alpha: float = quality.DEFAULT_ALPHA
+    matrix: Optional[torch.Tensor] = None
+    std: float = 1.0
+    mean: float = 0.0
+    strength: float = 0.1
+    p: float = 0.1
+    low: Optional[float] = None
+    high: Optional[float] = None
+    layer: int = -1
+    position: str = "block_input"
+    train: bool = True
+    eval: bool = True
+    straight_through: bool = False
+    allow_batch_dependence: bool = False
+    check_matrix: bool = True
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.axis not in _AXES:
+            raise ConfigError(f"axis must be one of {_AXES}, got {self.axis!r}")
+        if self.position not in POSITIONS:
+            raise ConfigError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ConfigError(f"layer must be an int block index (negative counts from the end), got {self.layer!r}")
+        for name in ("train", "eval", "straight_through", "allow_batch_dependence", "check_matrix"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
+        set_("alpha", _number("alpha", self.alpha, lo=0.0, hi=1.0))
+        set_("std", _number("std", self.std, lo=0.0))
+        set_("mean", _number("mean", self.mean))
+        set_("strength", _number("strength", self.strength))
+        set_("p", _number("p", self.p, lo=0.0, hi=1.0))
+        for name in ("low", "high"):
+            if getattr(self, name) is not None:
+                set_(name, _number(name, getattr(self, name)))
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ConfigError(f"low must be <= high, got low = {self.low}, high = {self.high}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigError(f"seed must be an int or None, got {self.seed!r}")
+
+        if self.kind == "dense":
+            if self.matrix is None:
+                raise ConfigError("kind='dense' needs matrix=Q, a k x k quality matrix")
+            q = quality._as_square(self.matrix, "matrix")
+            if self.check_matrix:
+                quality.validate(torch.eye(q.shape[0], dtype=torch.float64) + q.detach().double().cpu())
+            set_("matrix", q)
+        elif self.matrix is not None:
+            raise ConfigError(f"matrix is only used with kind='dense', got kind={self.kind!r} and a matrix")
+        if self.kind == "shift" and self.check_matrix and self.alpha > 0.5:
+            quality.check_structured("shift", 2, self.alpha)  # raises the dominance error, for any k >= 2
+        if self.kind in RANDOM_KINDS and self.straight_through:
+            raise ConfigError(f"straight_through applies to linear transform noise, not kind={self.kind!r}")
+        if self.mixes_batch and self.eval and not self.allow_batch_dependence:
+            raise BatchDependenceError(f"NoiseConfig(kind={self.kind!r}, axis='batch', eval=True): "
+                                       + BATCH_DEPENDENCE_MESSAGE)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def is_linear(self) -> bool:
+        """True for linear transform noise (``identity``, ``shift``, ``optimal``, ``dense``)."""
+        return self.kind in quality.LINEAR_KINDS
+
+    @property
+    def is_random(self) -> bool:
+        """True for the random kinds (``gaussian``, ``salt_and_pepper``)."""
+        return self.kind in RANDOM_KINDS
+
+    @property
+    def mixes_batch(self) -> bool:
+        """True when the noise makes a sample's output depend on the rest of its batch."""
+        return self.is_linear and self.kind != "identity" and self.axis == "batch"
+
+    def active(self, training: bool) -> bool:
+        """Whether the noise is applied in training (``True``) or eval (``False``) mode."""
+        return self.train if training else self.eval
+
+    def replace(self, **changes: Any) -> "NoiseConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Fields as a plain dict (``matrix`` as a nested list), e.g. for JSON result files."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if d["matrix"] is not None:
+            d["matrix"] = d["matrix"].tolist()
+        return d
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, NoiseConfig):
+            return NotImplemented
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                        and torch.equal(a.cpu(), b.cpu().to(a.dtype))):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # mutable tensor field: not hashable
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def coerce(cls, value: Any) -> Optional["NoiseConfig"]:
+        """A NoiseConfig from ``None`` (no noise), a NoiseConfig, a dict of fields or a kind name."""
+        if value is None or isinstance(value, NoiseConfig):
+            return value
+        if isinstance(value, str):
+            return cls(kind=value)
+        if isinstance(value, dict):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ConfigError(f"unknown NoiseConfig fields {sorted(unknown)}; expected some of "
+                                  f"{[f.name for f in dataclasses.fields(cls)]}")
+            return cls(**value)
+        raise ConfigError(f"noise must be a NoiseConfig, a dict of its fields, a kind name or None, "
+                          f"got {type(value).__name__}")
+
+    @classmethod
+    def official_vit(cls, **overrides: Any) -> "NoiseConfig":
+        """The official NoisyViT protocol: optimal Q across the *batch* on the LayerNorm-1 output of the
+        last block, off in training and on at evaluation.  Batch-dependent at inference: it raises
+        :class:`~noisynn_kernels.BatchDependenceError` unless ``allow_batch_dependence=True`` is passed."""
+        fields = dict(kind="optimal", axis="batch", position="attn_input", layer=-1, train=False, eval=True)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def official_cnn(cls, **overrides: Any) -> "NoiseConfig":
+        """The official NoisyResNet protocol: shift Q (alpha 0.4) across the *batch* at the input of the
+        last block (ResNet-50 stage 4, block 3), on in training and evaluation.  Batch-dependent at
+        inference: it raises unless ``allow_batch_dependence=True`` (or ``eval=False``) is passed."""
+        fields = dict(kind="shift", alpha=0.4, axis="batch", position="block_input", layer=-1, train=True, eval=True)
+        fields.update(overrides)
+        return cls(**fields)

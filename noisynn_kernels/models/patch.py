@@ -1,0 +1,157 @@
+"""Turn an existing timm model into a NoisyNN model in place, and back.
+
+The noise is a :class:`~noisynn_kernels.nn.NoiseInjection` child module plus one forward hook at the
+noise site, so parameters, buffers and ``state_dict()`` keys stay exactly those of the timm model:
+timm checkpoints load with ``strict=True``, and :func:`remove_noisynn` restores the original model.
+
+Supported families:
+
+- **ViT family** (``VisionTransformer``, DeiT, and other timm models with ``.patch_embed`` and
+  ``.blocks`` of pre-norm blocks): tokens ``(B, N, D)``, prefix tokens ``model.num_prefix_tokens``,
+  patch grid ``model.patch_embed.grid_size``.
+- **ResNet family** (``.layer1`` .. ``.layer4``): feature maps ``(B, C, H, W)``; the blocks are those of
+  the four stages in order.
+- **ConvNeXt family** (``.stages`` whose items have ``.blocks``): feature maps ``(B, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+from torch import nn
+
+from ..config import NoiseConfig
+from ..errors import ConfigError, UnsupportedModelError
+from ..nn import NoiseInjection
+
+__all__ = ["apply_noisynn", "remove_noisynn", "noise_config", "model_family", "model_blocks"]
+
+_SITE_ATTR = "noisynn"          # name of the NoiseInjection child at the noise site
+_STATE_ATTR = "_noisynn_state"  # bookkeeping on the model root
+
+
+@dataclass
+class _NoisynnState:
+    config: NoiseConfig
+    site: nn.Module
+    handles: List[Any] = field(default_factory=list)
+
+
+def model_family(model: nn.Module) -> str:
+    """``'vit'``, ``'resnet'`` or ``'convnext'``; raises :class:`UnsupportedModelError` otherwise."""
+    if hasattr(model, "patch_embed") and isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
+        return "vit"
+    if all(isinstance(getattr(model, f"layer{i}", None), nn.Sequential) for i in range(1, 5)):
+        return "resnet"
+    stages = getattr(model, "stages", None)
+    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages) and all(
+            isinstance(getattr(s, "blocks", None), (nn.Sequential, nn.ModuleList)) for s in stages):
+        return "convnext"
+    raise UnsupportedModelError(
+        f"{type(model).__name__} is not a supported model: expected a timm ViT-family model (.patch_embed and "
+        ".blocks, e.g. ViT, DeiT), a ResNet-family model (.layer1 .. .layer4) or a ConvNeXt-family model "
+        "(.stages with .blocks)")
+
+
+def model_blocks(model: nn.Module) -> List[nn.Module]:
+    """The model's residual blocks in forward order (what ``NoiseConfig.layer`` indexes)."""
+    family = model_family(model)
+    if family == "vit":
+        return list(model.blocks)
+    if family == "resnet":
+        return [b for i in range(1, 5) for b in getattr(model, f"layer{i}")]
+    return [b for s in model.stages for b in s.blocks]
+
+
+def _vit_geometry(model: nn.Module) -> Tuple[int, Optional[Tuple[int, int]]]:
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if prefix is None:
+        prefix = 1 if getattr(model, "cls_token", None) is not None else 0
+    grid = getattr(model.patch_embed, "grid_size", None)
+    return int(prefix), (tuple(int(g) for g in grid) if grid is not None else None)
+
+
+def _replace_first_arg(module, args, kwargs):
+    # Pre-hook (with_kwargs=True): the noise acts on the block's (or model's) input tensor.
+    if args:
+        return (module.noisynn(args[0]),) + tuple(args[1:]), kwargs
+    if "x" in kwargs:
+        kwargs = dict(kwargs, x=module.noisynn(kwargs["x"]))
+        return args, kwargs
+    raise RuntimeError(f"{type(module).__name__} was called without an input tensor for the noise site")
+
+
+def _replace_output(module, args, output):
+    return module.noisynn(output)
+
+
+def apply_noisynn(model: nn.Module, config: Any = None) -> nn.Module:
+    """Make ``model`` (a timm ViT, DeiT, ResNet or ConvNeXt) a NoisyNN model in place; returns it.
+
+    ``config`` is a :class:`NoiseConfig`, a dict of its fields or a kind name; ``None`` takes the
+    default (the paper's optimal noise at the last block).  The noise replaces any applied before.
+    Parameters and ``state_dict()`` keys are unchanged; :func:`remove_noisynn` reverts exactly.
+    """
+    cfg = NoiseConfig() if config is None else NoiseConfig.coerce(config)
+    family = model_family(model)
+    blocks = model_blocks(model)
+    remove_noisynn(model)
+
+    if cfg.position == "image":
+        site, prefix, grid = model, 0, None
+    else:
+        n = len(blocks)
+        if not -n <= cfg.layer < n:
+            raise ConfigError(f"layer {cfg.layer} is out of range for {type(model).__name__} with {n} blocks; "
+                              f"expected {-n} <= layer < {n}")
+        block = blocks[cfg.layer]
+        if family == "vit":
+            prefix, grid = _vit_geometry(model)
+        else:
+            prefix, grid = 0, None
+        if cfg.position == "attn_input":
+            if family != "vit" or not isinstance(getattr(block, "norm1", None), nn.Module):
+                raise UnsupportedModelError(
+                    f"position='attn_input' needs a pre-norm transformer block with .norm1 (ViT family); "
+                    f"{type(model).__name__} block {cfg.layer} is {type(block).__name__}. "
+                    "Use position='block_input' or 'image'.")
+            site = block.norm1
+        else:
+            site = block
+    if hasattr(site, _SITE_ATTR):
+        raise ConfigError(f"{type(site).__name__} already has an attribute {_SITE_ATTR!r}; cannot attach the noise")
+
+    site.add_module(_SITE_ATTR, NoiseInjection(cfg, prefix_tokens=prefix, grid=grid))
+    # Follow the model's device and mode: a dense Q buffer moves with the model on the next .to().
+    p = next(model.parameters(), None)
+    if p is not None:
+        getattr(site, _SITE_ATTR).to(p.device)
+    getattr(site, _SITE_ATTR).train(model.training)
+    state = _NoisynnState(cfg, site)
+    if cfg.position == "attn_input":
+        state.handles.append(site.register_forward_hook(_replace_output))
+    else:
+        state.handles.append(site.register_forward_pre_hook(_replace_first_arg, with_kwargs=True))
+    object.__setattr__(model, _STATE_ATTR, state)
+    return model
+
+
+def remove_noisynn(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_noisynn`: removes the hook and the noise module.  A model without noise is
+    returned unchanged."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for h in state.handles:
+        h.remove()
+    if _SITE_ATTR in state.site._modules:
+        del state.site._modules[_SITE_ATTR]
+    object.__delattr__(model, _STATE_ATTR)
+    return model
+
+
+def noise_config(model: nn.Module) -> Optional[NoiseConfig]:
+    """The NoiseConfig applied to ``model``, or ``None`` for a model without noise."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else state.config

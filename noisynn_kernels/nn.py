@@ -1,0 +1,87 @@
+"""Modules: the noise layer that models carry at their noise site."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import functional as F
+from .config import NoiseConfig
+
+__all__ = ["NoiseInjection"]
+
+
+class NoiseInjection(nn.Module):
+    """Applies one :class:`NoiseConfig` to its input, in the modes the config switches on.
+
+    Args:
+        config: the noise (a NoiseConfig, a dict of its fields or a kind name).
+        prefix_tokens: leading class / register tokens of ``(B, N, D)`` inputs, left unchanged.
+        grid: ``(gh, gw)`` patch grid for ``axis='rows'`` on tokens (inferred when square).
+
+    The module holds no persistent state: adding it to a model leaves ``state_dict()`` unchanged.  A
+    ``dense`` quality matrix is a non-persistent buffer, so it follows ``.to(device)``.  With
+    ``config.seed`` set, the random kinds draw from the module's own generator (one per device,
+    seeded on first use; :meth:`reset_generator` starts the sequence again).
+    """
+
+    def __init__(self, config, prefix_tokens: int = 0, grid: Optional[Sequence[int]] = None):
+        super().__init__()
+        cfg = NoiseConfig.coerce(config)
+        if cfg is None:
+            raise TypeError("NoiseInjection needs a noise config, got None")
+        self.config = cfg
+        self.prefix_tokens = prefix_tokens
+        self.grid: Optional[Tuple[int, int]] = tuple(grid) if grid is not None else None
+        self.register_buffer("quality_matrix", cfg.matrix, persistent=False)
+        self._generators: Dict[str, torch.Generator] = {}
+        self._validated_k: set = set()
+
+    def reset_generator(self) -> None:
+        """Forget the per-device generators, so the next call starts again from ``config.seed``."""
+        self._generators.clear()
+
+    def _generator(self, x: torch.Tensor) -> Optional[torch.Generator]:
+        if self.config.seed is None:
+            return None
+        key = str(x.device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=x.device)
+            gen.manual_seed(self.config.seed)
+            self._generators[key] = gen
+        return gen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if not cfg.active(self.training):
+            return x
+        prefix = self.prefix_tokens if x.dim() == 3 else 0
+        if cfg.is_linear:
+            grid = self.grid if (x.dim() == 3 and cfg.axis == "rows") else None
+            # Validating a dense I + Q costs an SVD: do it once per mixed size k.
+            check = cfg.check_matrix and (cfg.kind != "dense" or F.mixed_size(x, cfg.axis, prefix, grid)
+                                          not in self._validated_k)
+            out = F.linear_transform_noise(x, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, matrix=self.quality_matrix,
+                                           prefix_tokens=prefix, grid=grid,
+                                           straight_through=cfg.straight_through, check=check)
+            if check and cfg.kind == "dense":
+                self._validated_k.add(F.mixed_size(x, cfg.axis, prefix, grid))
+            return out
+        if cfg.kind == "gaussian":
+            return F.gaussian_noise(x, std=cfg.std, mean=cfg.mean, strength=cfg.strength, prefix_tokens=prefix,
+                                    generator=self._generator(x))
+        return F.salt_and_pepper_noise(x, cfg.p, low=cfg.low, high=cfg.high, prefix_tokens=prefix,
+                                       generator=self._generator(x))
+
+    def extra_repr(self) -> str:
+        c = self.config
+        parts = [f"kind={c.kind}"]
+        if c.is_linear:
+            parts.append(f"axis={c.axis}")
+            if c.kind == "shift":
+                parts.append(f"alpha={c.alpha}")
+        parts += [f"prefix_tokens={self.prefix_tokens}", f"train={c.train}", f"eval={c.eval}"]
+        return ", ".join(parts)

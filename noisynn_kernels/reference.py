@@ -1,0 +1,161 @@
+"""Pure-PyTorch reference of every NoisyNN op: the definition the kernels are tested against.
+
+Nothing here checks its arguments (the public functions in :mod:`noisynn_kernels.functional` do
+that once) and nothing here calls a kernel.  Shapes:
+
+- token tensors ``(B, N, D)``: the first ``prefix_tokens`` tokens (class / register tokens) pass
+  through every noise unchanged; the other ``N - prefix_tokens`` are the patch tokens.
+- feature maps and images ``(B, C, H, W)``: no prefix tokens.
+
+Linear transform noise mixes ``k`` rows of a ``(outer, k, inner)`` view of the patch part:
+
+==========  =====================================  =====================================
+axis        (B, N, D) tokens                        (B, C, H, W) feature map
+==========  =====================================  =====================================
+``batch``   ``(1, B, (N-P)*D)``                     ``(1, B, C*H*W)``
+``tokens``  ``(B, N-P, D)``                         ``(B*C, H*W, 1)``
+``rows``    ``(B, gh, gw*D)`` with grid ``(gh, gw)`` ``(B*C, H, W)``
+==========  =====================================  =====================================
+
+``shift`` and ``optimal`` are computed in O(k d) (a roll, a column sum), never as a dense product.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = [
+    "mix_rows",
+    "linear_transform_noise",
+    "gaussian_noise",
+    "salt_and_pepper_noise",
+    "layer_norm",
+    "mix_add_layernorm",
+]
+
+
+def mix_rows(v: torch.Tensor, kind: str, alpha: float = 0.3, M: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Apply ``M = I + Q`` along dim 1 of a ``(outer, k, inner)`` tensor.
+
+    ``M`` is the full mixing matrix, needed only for ``kind='dense'``.
+    """
+    if kind == "identity":
+        return v
+    k = v.shape[1]
+    if kind == "shift":
+        # y_i = (1 - a) x_i + a x_{(i-1) mod k}; roll(+1)[i] = x[i-1].
+        return (1.0 - alpha) * v + alpha * torch.roll(v, shifts=1, dims=1)
+    if kind == "optimal":
+        # y_i = (x_i + sum_j x_j) / (k + 1)
+        return (v + v.sum(dim=1, keepdim=True)) / (k + 1)
+    if kind == "dense":
+        return torch.matmul(M.to(dtype=v.dtype, device=v.device), v)
+    raise ValueError(f"unknown linear kind {kind!r}")
+
+
+def _split_prefix(x: torch.Tensor, prefix_tokens: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    if x.dim() == 3 and prefix_tokens:
+        return x[:, :prefix_tokens], x[:, prefix_tokens:]
+    return None, x
+
+
+def _join_prefix(head: Optional[torch.Tensor], body: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = body if head is None else torch.cat([head, body], dim=1)
+    if (like.dim() == 4 and not like.is_contiguous()
+            and like.is_contiguous(memory_format=torch.channels_last)):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def mixed_view_shape(shape, axis: str, prefix_tokens: int = 0, grid: Optional[Tuple[int, int]] = None):
+    """The ``(outer, k, inner)`` shape that the patch part of a tensor of ``shape`` is mixed in."""
+    if len(shape) == 3:
+        B, N, D = shape
+        n = N - prefix_tokens
+        if axis == "batch":
+            return (1, B, n * D)
+        if axis == "tokens":
+            return (B, n, D)
+        gh, gw = grid
+        return (B, gh, gw * D)
+    B, C, H, W = shape
+    if axis == "batch":
+        return (1, B, C * H * W)
+    if axis == "tokens":
+        return (B * C, H * W, 1)
+    return (B * C, H, W)
+
+
+def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str = "tokens", alpha: float = 0.3,
+                           M: Optional[torch.Tensor] = None, prefix_tokens: int = 0,
+                           grid: Optional[Tuple[int, int]] = None, straight_through: bool = False) -> torch.Tensor:
+    """``(I + Q) X`` along ``axis``; prefix tokens unchanged.  ``M`` is the full ``k x k`` mixing matrix
+    (``dense`` only).  With ``straight_through`` the forward value is ``M x`` and the gradient the identity."""
+    head, body = _split_prefix(x, prefix_tokens)
+    v = body.reshape(mixed_view_shape(x.shape, axis, prefix_tokens, grid))
+    mixed = mix_rows(v, kind, alpha, M).reshape(body.shape)
+    if straight_through:
+        mixed = body + (mixed - body).detach()
+    return _join_prefix(head, mixed, x)
+
+
+def _draw(shape, draw, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    # Half types are drawn in fp32 so a seed gives the same noise whatever the activation dtype.
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    return draw(shape, generator=generator, device=x.device, dtype=dtype)
+
+
+def gaussian_noise(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, strength: float = 0.1,
+                   prefix_tokens: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``x + strength * N(mean, std)`` elementwise on the patch part (official defaults)."""
+    head, body = _split_prefix(x, prefix_tokens)
+    z = _draw(body.shape, torch.randn, x, generator)
+    noisy = body + (strength * (mean + std * z)).to(x.dtype)
+    return _join_prefix(head, noisy, x)
+
+
+def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low=None, high=None, prefix_tokens: int = 0,
+                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each patch element draws ``u ~ U(0, 1)``: ``u < p/2`` becomes ``high`` (salt), ``u > 1 - p/2``
+    becomes ``low`` (pepper).  ``low``/``high`` default to the detached minimum/maximum of all of ``x``."""
+    head, body = _split_prefix(x, prefix_tokens)
+    xd = x.detach()
+    hi = xd.amax() if high is None else torch.as_tensor(high, dtype=x.dtype, device=x.device)
+    lo = xd.amin() if low is None else torch.as_tensor(low, dtype=x.dtype, device=x.device)
+    u = _draw(body.shape, torch.rand, x, generator)
+    noisy = torch.where(u < p / 2, hi, torch.where(u > 1 - p / 2, lo, body))
+    return _join_prefix(head, noisy, x)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim, written out (the oracle for fused kernels)."""
+    mu = x.mean(dim=-1, keepdim=True)
+    var = (x - mu).pow(2).mean(dim=-1, keepdim=True)
+    y = (x - mu) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor], eps: float = 1e-6, *, kind: str = "identity", axis: str = "tokens",
+                      alpha: float = 0.3, M: Optional[torch.Tensor] = None, prefix_tokens: int = 0,
+                      grid: Optional[Tuple[int, int]] = None, mix_after_norm: bool = False):
+    """Residual add, ``(I + Q)`` mix and LayerNorm: returns ``(normed, residual_out)``.
+
+    ``s = x + residual``; by default ``residual_out = M s`` and ``normed = LN(residual_out)``; with
+    ``mix_after_norm`` ``residual_out = s`` and ``normed = M LN(s)`` (the official ViT position).
+    """
+    s = x if residual is None else x + residual
+
+    def mix(t):
+        return linear_transform_noise(t, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens, grid=grid)
+
+    if mix_after_norm:
+        return mix(layer_norm(s, weight, bias, eps)), s
+    r = mix(s)
+    return layer_norm(r, weight, bias, eps), r
