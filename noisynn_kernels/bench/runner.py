@@ -1,0 +1,275 @@
+"""``noisynn bench``: op microbenchmarks and model throughput, competitors side by side in one run.
+
+Competitors:
+
+- ops (residual add + noise + LayerNorm at a ViT noise site): ``eager`` (public NoisyViT code: split
+  the class token, permute, dense ``k x k`` product, add, transpose, concatenate, LayerNorm),
+  ``noisynn`` (this package) and ``layernorm`` (``F.layer_norm(x + residual)`` with no noise: the floor);
+- models: ``timm`` (the plain model, no noise), ``eager`` (the noisy model with the public-code
+  noise) and ``noisynn`` (the noisy model as this package builds it), all with the same weights.
+
+Every row of the JSON result records the environment (device, versions, commit) and, per competitor,
+median time, spread and speed-up ratios taken round by round against the baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import quality
+from ..config import NoiseConfig
+from ..functional import linear_transform_noise
+from .eager import eager_add_noise_layernorm, make_eager
+from .timing import Timing, measure_interleaved
+
+__all__ = ["BenchOptions", "run", "environment", "format_table"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class BenchOptions:
+    """What ``noisynn bench`` runs (the CLI flags map one to one)."""
+
+    models: List[str] = field(default_factory=lambda: ["noisy_vit_tiny_patch16_224", "noisy_resnet18"])
+    batch_size: int = 8
+    img_size: int = 224
+    dtype: str = "float32"
+    device: str = "auto"
+    noise: Optional[NoiseConfig] = None
+    ops: bool = True
+    op_shape: tuple = (64, 197, 768)
+    op_kinds: tuple = ("optimal", "shift")
+    op_axes: tuple = ("tokens", "rows")
+    modes: tuple = ("forward", "forward+backward")
+    warmup: int = 2
+    iters: int = 10
+    out: str = "bench_out"
+    quiet: bool = False
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """A human name of the device: the GPU model, or the CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    """Versions, device and commit recorded with every result."""
+    import timm
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    from .. import __version__
+
+    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "triton": triton_version, "timm": timm.__version__, "noisynn_kernels": __version__,
+            "python": platform.python_version(), "commit": _git_commit(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+class _Progress:
+    def __init__(self, total: int, quiet: bool):
+        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.quiet:
+            el = time.perf_counter() - self.t0
+            print(f"[{self.done}/{self.total}] {el:6.1f}s  {what}", file=sys.stderr, flush=True)
+
+
+def _row(kind: str, name: str, config: dict, timings: Dict[str, Timing], baselines: List[str], env: dict,
+         items_per_call: Optional[int] = None) -> dict:
+    comps = {}
+    for comp, t in timings.items():
+        entry = {"median_ms": t.median * 1e3, "spread": t.spread, "repeats": len(t.times)}
+        if items_per_call:
+            entry["throughput_per_s"] = items_per_call / t.median
+        entry["speedup_vs"] = {b: t.ratio_to(timings[b]) for b in baselines if b != comp}
+        comps[comp] = entry
+    return {"benchmark": kind, "name": name, **config, "competitors": comps, **env}
+
+
+def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env) -> dict:
+    B, N, D = opts.op_shape
+    prefix = 1
+    gh = int((N - prefix) ** 0.5)
+    grid = (gh, (N - prefix) // gh)
+    k = N - prefix if axis == "tokens" else grid[0]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, N, D, generator=g).to(device, dtype)
+    res = torch.randn(B, N, D, generator=g).to(device, dtype)
+    w = torch.randn(D, generator=g).to(device, dtype)
+    b = torch.randn(D, generator=g).to(device, dtype)
+    Q = (quality.mixing_matrix(kind, k) - torch.eye(k, dtype=torch.float64)).to(device, dtype)
+    backward = mode == "forward+backward"
+    if backward:
+        for t in (x, res, w, b):
+            t.requires_grad_(True)
+    gy = torch.randn(B, N, D, generator=g).to(device, dtype)
+
+    def eager():
+        return eager_add_noise_layernorm(x, res, Q, w, b, 1e-6, axis, prefix, grid)[0]
+
+    def ours():
+        r = linear_transform_noise(x + res, kind, axis=axis, prefix_tokens=prefix, grid=grid, check=False)
+        return F.layer_norm(r, (D,), w, b, 1e-6)
+
+    def layernorm():
+        return F.layer_norm(x + res, (D,), w, b, 1e-6)
+
+    def call(fn: Callable) -> Callable:
+        if not backward:
+            def run():
+                with torch.no_grad():
+                    fn()
+            return run
+
+        def run_bwd():
+            out = fn()
+            out.backward(gy)
+            for t in (x, res, w, b):
+                t.grad = None
+        return run_bwd
+
+    timings = measure_interleaved({"eager": call(eager), "noisynn": call(ours), "layernorm": call(layernorm)},
+                                  warmup=opts.warmup, iters=opts.iters, device=device)
+    cfg = {"op": "add+noise+layernorm", "kind": kind, "axis": axis, "mode": mode, "shape": [B, N, D],
+           "dtype": str(dtype).replace("torch.", ""), "backend": "reference", "prefix_tokens": prefix}
+    return _row("op", f"{kind}/{axis}", cfg, timings, ["eager", "layernorm"], env)
+
+
+def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
+    import timm
+
+    from ..models.registry import base_model_name
+
+    torch.manual_seed(0)
+    kw = dict(num_classes=1000)
+    if "vit" in name:
+        kw["img_size"] = opts.img_size
+    noise = opts.noise if opts.noise is not None else NoiseConfig()
+    plain = timm.create_model(base_model_name(name), **kw)
+    ours = timm.create_model(name, noise=noise, **kw)
+    eager = make_eager(timm.create_model(name, noise=noise, **kw))
+    for m in (ours, eager):
+        m.load_state_dict(plain.state_dict(), strict=True)
+    models = {"timm": plain, "eager": eager, "noisynn": ours}
+    B = opts.batch_size
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(B, 3, opts.img_size, opts.img_size, generator=g).to(device, dtype)
+    y = torch.randint(0, 1000, (B,), generator=g).to(device)
+    fns = {}
+    for comp, m in models.items():
+        m.to(device=device, dtype=dtype)
+        if mode == "inference":
+            m.eval()
+
+            def fn(m=m):
+                with torch.no_grad():
+                    m(x)
+        else:
+            m.train()
+            opt = torch.optim.SGD(m.parameters(), lr=1e-4)
+
+            def fn(m=m, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(m(x), y).backward()
+                opt.step()
+        fns[comp] = fn
+    timings = measure_interleaved(fns, warmup=max(1, opts.warmup // 2), iters=max(3, opts.iters // 2),
+                                  device=device)
+    cfg = {"model": name, "mode": mode, "batch_size": B, "img_size": opts.img_size,
+           "dtype": str(dtype).replace("torch.", ""), "backend": "reference",
+           "noise": {k: v for k, v in noise.to_dict().items() if v is not None}}
+    return _row("model", f"{name}/{mode}", cfg, timings, ["eager", "timm"], env, items_per_call=B)
+
+
+def run(opts: BenchOptions) -> dict:
+    """Run the benchmarks ``opts`` asks for; write ``<out>/noisynn_bench.json`` and return the result."""
+    device = _device(opts.device)
+    dtype = _DTYPES[opts.dtype]
+    env = environment(device)
+    tasks: List[tuple] = []
+    if opts.ops:
+        tasks += [("op", k, a, m) for m in opts.modes for k in opts.op_kinds for a in opts.op_axes]
+    tasks += [("model", name, mode) for name in opts.models for mode in ("inference", "train")]
+    progress = _Progress(len(tasks), opts.quiet)
+    if not opts.quiet:
+        print(f"noisynn bench on {env['device']} ({opts.dtype}), torch {env['torch']}: {len(tasks)} benchmarks",
+              file=sys.stderr, flush=True)
+    rows = []
+    for t in tasks:
+        if t[0] == "op":
+            rows.append(_op_bench(opts, device, dtype, t[1], t[2], t[3], env))
+            progress.step(f"op {t[1]}/{t[2]} {t[3]}")
+        else:
+            rows.append(_model_bench(opts, device, dtype, t[1], t[2], env))
+            progress.step(f"model {t[1]} {t[2]}")
+    result = {"environment": env, "options": {k: (v.to_dict() if isinstance(v, NoiseConfig) else v)
+                                              for k, v in vars(opts).items()}, "rows": rows}
+    os.makedirs(opts.out, exist_ok=True)
+    path = os.path.join(opts.out, "noisynn_bench.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    result["path"] = path
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The result as a plain-text table: one line per benchmark and competitor."""
+    lines = []
+    hdr = f"{'benchmark':<44} {'competitor':<10} {'median ms':>10} {'spread':>7} {'items/s':>9}  speed-up"
+    lines += [hdr, "-" * len(hdr)]
+    for row in result["rows"]:
+        label = row["name"] + ("" if row["benchmark"] == "model" else f" {row['mode']}")
+        for comp, c in row["competitors"].items():
+            ips = f"{c['throughput_per_s']:9.1f}" if "throughput_per_s" in c else " " * 9
+            sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in c["speedup_vs"].items())
+            lines.append(f"{label:<44} {comp:<10} {c['median_ms']:10.2f} {c['spread']:6.1%} {ips}  {sp}")
+            label = ""
+    return "\n".join(lines)

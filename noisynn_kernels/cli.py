@@ -1,0 +1,103 @@
+"""The ``noisynn`` command.
+
+    noisynn bench   op microbenchmarks and model throughput, competitors side by side
+    noisynn info    what this installation has (extension, Triton, CUDA, chosen backends)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _noise_arg(text: str):
+    """``kind`` or ``kind:axis`` or ``key=value,key=value`` -> NoiseConfig."""
+    from .config import NoiseConfig
+
+    if "=" in text:
+        fields = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            value = value.strip()
+            for conv in (int, float):
+                try:
+                    value = conv(value)
+                    break
+                except ValueError:
+                    pass
+            if value in ("true", "false", "True", "False"):
+                value = value.lower() == "true"
+            fields[key.strip()] = value
+        return NoiseConfig.coerce(fields)
+    kind, _, axis = text.partition(":")
+    return NoiseConfig(kind=kind, **({"axis": axis} if axis else {}))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="noisynn", description="NoisyNN kernels: benchmarks and diagnostics.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="benchmark fused/reference noise against eager NoisyNN code, timm and more",
+                       description="Op microbenchmarks (add + noise + LayerNorm at a ViT noise site) and model "
+                                   "throughput (inference and train step) for eager NoisyNN code, plain timm and "
+                                   "this package, side by side in one run. Defaults finish in a few minutes on a "
+                                   "2-core CPU.")
+    b.add_argument("--models", nargs="*", default=None,
+                   help="registered noisy model names (default: noisy_vit_tiny_patch16_224 noisy_resnet18); "
+                        "pass none to skip model benchmarks")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--img-size", type=int, default=224)
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default="float32")
+    b.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    b.add_argument("--noise", type=_noise_arg, default=None,
+                   help="model noise: KIND, KIND:AXIS, or FIELD=VALUE,... of NoiseConfig (default: optimal:tokens)")
+    b.add_argument("--no-ops", dest="ops", action="store_false", help="skip the op microbenchmarks")
+    b.add_argument("--op-shape", type=int, nargs=3, default=(64, 197, 768), metavar=("B", "N", "D"))
+    b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--iters", type=int, default=10, help="timed rounds per op benchmark (models use half)")
+    b.add_argument("--out", default="bench_out", help="directory for noisynn_bench.json")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+
+    sub.add_parser("info", help="print what this installation has, as JSON")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        from . import backend_info
+
+        print(json.dumps(backend_info(), indent=2, default=str))
+        return 0
+
+    from .bench import BenchOptions, format_table, run
+    from .errors import NoisyNNError
+    from .models import NOISY_MODELS
+
+    models = BenchOptions().models if args.models is None else args.models
+    unknown = [m for m in models if m not in NOISY_MODELS]
+    if unknown:
+        print(f"noisynn bench: unknown model(s) {unknown}; expected some of {sorted(NOISY_MODELS)}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
+        print("noisynn bench: --batch-size and --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    opts = BenchOptions(models=models, batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype,
+                        device=args.device, noise=args.noise, ops=args.ops, op_shape=tuple(args.op_shape),
+                        warmup=args.warmup, iters=args.iters, out=args.out, quiet=args.quiet)
+    try:
+        result = run(opts)
+    except NoisyNNError as e:
+        print(f"noisynn bench: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(f"\nresults: {result['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The benchmark baselines compute the same noise as the package, and `noisynn bench` runs."""
+
+import json
+
+import pytest
+import torch
+
+import noisynn_kernels as nk
+from noisynn_kernels import quality
+from noisynn_kernels.bench import eager_add_noise_layernorm, eager_linear_noise, make_eager, measure_interleaved
+from noisynn_kernels.cli import main
+
+
+def _q(kind, k):
+    return quality.mixing_matrix(kind, k, 0.3) - torch.eye(k, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["shift", "optimal"])
+@pytest.mark.parametrize("axis", ["tokens", "rows", "batch"])
+@pytest.mark.parametrize("shape,prefix,grid", [((3, 13, 5), 1, (3, 4)), ((2, 3, 4, 6), 0, None)])
+def test_eager_baseline_matches_package(kind, axis, shape, prefix, grid):
+    x = torch.randn(*shape, dtype=torch.float64)
+    k = nk.functional.mixed_size(x, axis, prefix, grid)
+    ours = nk.linear_transform_noise(x, kind, axis=axis, prefix_tokens=prefix, grid=grid)
+    eager = eager_linear_noise(x, _q(kind, k), axis, prefix, grid)
+    torch.testing.assert_close(eager, ours, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_block_path_returns_normed_and_residual():
+    x, r = torch.randn(2, 17, 8, dtype=torch.float64), torch.randn(2, 17, 8, dtype=torch.float64)
+    w, b = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    normed, res = eager_add_noise_layernorm(x, r, _q("optimal", 16), w, b, 1e-6, "tokens", 1)
+    exp_n, exp_r = nk.reference.mix_add_layernorm(x, r, w, b, 1e-6, kind="optimal", axis="tokens", prefix_tokens=1)
+    torch.testing.assert_close(res, exp_r)
+    torch.testing.assert_close(normed, exp_n)
+
+
+def test_make_eager_model_matches_package_model():
+    import timm
+
+    torch.manual_seed(0)
+    ours = timm.create_model("noisy_vit_tiny_patch16_224", img_size=32, depth=2, noise=dict(kind="shift", axis="rows"))
+    eager = make_eager(timm.create_model("noisy_vit_tiny_patch16_224", img_size=32, depth=2,
+                                         noise=dict(kind="shift", axis="rows")))
+    eager.load_state_dict(ours.state_dict(), strict=True)
+    assert type(eager.blocks[-1].noisynn).__name__ == "EagerNoiseInjection"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(eager.eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_make_eager_refuses_plain_model():
+    import timm
+
+    with pytest.raises(ValueError, match="needs a model with noise"):
+        make_eager(timm.create_model("resnet18"))
+
+
+def test_interleaved_timing_orders_and_ratios():
+    calls = []
+    t = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, iters=4)
+    assert len(t["a"].times) == 4 and len(t["b"].times) == 4
+    # warm-up a, b; then rounds rotate the order: ab, ba, ab, ba
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert t["a"].ratio_to(t["a"]) == 1.0
+
+
+def test_cli_bench_runs_and_writes_results(tmp_path, capsys):
+    rc = main(["bench", "--models", "noisy_vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2",
+               "--op-shape", "2", "17", "16", "--warmup", "0", "--iters", "2", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "optimal/tokens forward" in out and "noisy_vit_tiny_patch16_224/train" in out
+    res = json.loads((tmp_path / "noisynn_bench.json").read_text())
+    kinds = {(r["benchmark"], r["name"]) for r in res["rows"]}
+    assert ("op", "shift/rows") in kinds and ("model", "noisy_vit_tiny_patch16_224/inference") in kinds
+    row = res["rows"][0]
+    for key in ("device", "torch", "triton", "timm", "commit", "shape", "dtype", "backend"):
+        assert key in row
+    assert set(row["competitors"]) == {"eager", "noisynn", "layernorm"}
+    assert row["competitors"]["noisynn"]["speedup_vs"]["eager"] > 0
+
+
+def test_cli_rejects_unknown_model(capsys):
+    assert main(["bench", "--models", "resnet_nonexistent", "--quiet"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_cli_info_reports_extension(capsys):
+    assert main(["info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["reference"]["available"] is True
+    assert "extension" in info and "triton" in info
+
+
+def test_compiled_extension_is_built():
+    # The documented install compiles the C++ extension; a build that silently lost it must fail here.
+    info = nk.backend_info()["extension"]
+    assert info["built"], info.get("why")
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+
+
+def test_noisynn_backend_env_is_validated(monkeypatch):
+    monkeypatch.setenv("NOISYNN_BACKEND", "nonsense")
+    with pytest.raises(nk.BackendUnavailableError, match="nonsense"):
+        nk.backend_info()
