@@ -120,8 +120,9 @@ class NoiseConfig:
             if self.matrix is None:
                 raise ConfigError("kind='dense' needs matrix=Q, a k x k quality matrix")
             q = quality._as_square(self.matrix, "matrix")
-            if self.check_matrix:
-                quality.validate(torch.eye(q.shape[0], dtype=torch.float64) + q.detach().double().cpu())
+            # Finiteness is checked even with check_matrix=False: the override is for the paper's conditions.
+            quality.validate(torch.eye(q.shape[0], dtype=torch.float64) + q.detach().double().cpu(),
+                             dominance=self.check_matrix, invertible=self.check_matrix)
             set_("matrix", q)
         elif self.matrix is not None:
             raise ConfigError(f"matrix is only used with kind='dense', got kind={self.kind!r} and a matrix")

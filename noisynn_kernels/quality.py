@@ -179,14 +179,11 @@ def check_structured(kind: str, k: int, alpha: float = DEFAULT_ALPHA, *, dominan
     if kind != "shift":
         raise ConfigError(f"check_structured takes identity|shift|optimal, got {kind!r}")
     a = _check_alpha(alpha)
-    if invertible:
-        det = (1.0 - a) ** k - (-a) ** k
-        # (1-a)^k = (-a)^k only for even k and a = 0.5; compare relative to the terms' size.
-        if abs(det) <= 1e-12 * max((1.0 - a) ** k, a ** k):
-            raise QualityMatrixError(
-                f"shift mixing matrix with alpha = {a} and k = {k} is not invertible: det = (1-a)^k - (-a)^k = {det:.3g}; "
-                "NoisyNN requires I + Q to be full rank (alpha = 0.5 is singular for even k). "
-                "Pass invertible=False to override.")
+    if invertible and math.isinf(_shift_log_abs_det(k, a)):
+        raise QualityMatrixError(
+            f"shift mixing matrix with alpha = {a} and k = {k} is not invertible: det = (1-a)^k - (-a)^k = 0; "
+            "NoisyNN requires I + Q to be full rank (alpha = 0.5 is singular for even k). "
+            "Pass invertible=False to override.")
     if dominance and k > 1 and a > 0.5:
         raise QualityMatrixError(
             f"shift mixing matrix with alpha = {a} breaks dominance: M[i,i] = 1 - alpha = {1 - a:.6g} < "
@@ -203,12 +200,23 @@ def entropy_change(M: torch.Tensor) -> float:
     return -float(logabsdet)
 
 
+def _shift_log_abs_det(k: int, a: float) -> float:
+    """``ln|(1-a)^k - (-a)^k|`` without underflow: factor out the larger power,
+    ``det = b^k (1 - (c/b)^k)`` with ``{b, c} = {1-a, -a}`` and ``|c/b| <= 1``.  ``-inf`` when singular."""
+    big, small = (1.0 - a, -a) if a <= 0.5 else (-a, 1.0 - a)
+    rest = 1.0 - (small / big) ** k
+    # (c/b)^k == 1 only for |c/b| == 1 and even k (a = 0.5): exactly singular.
+    if abs(rest) <= 1e-15:
+        return -math.inf
+    return k * math.log(abs(big)) + math.log(abs(rest))
+
+
 def shift_entropy_change(k: int, alpha: float = DEFAULT_ALPHA) -> float:
-    """Closed form of :func:`entropy_change` for the shift matrix: ``-ln|(1-a)^k - (-a)^k|``."""
+    """Closed form of :func:`entropy_change` for the shift matrix: ``-ln|(1-a)^k - (-a)^k|``
+    (computed in log space, so large ``k`` does not underflow); ``inf`` when singular."""
     k = _check_k(k)
     a = _check_alpha(alpha)
-    det = abs((1.0 - a) ** k - (-a) ** k)
-    return math.inf if det == 0 else -math.log(det)
+    return -_shift_log_abs_det(k, a)
 
 
 def optimal_entropy_change(k: int) -> float:

@@ -96,7 +96,6 @@ def apply_noisynn(model: nn.Module, config: Any = None) -> nn.Module:
     cfg = NoiseConfig() if config is None else NoiseConfig.coerce(config)
     family = model_family(model)
     blocks = model_blocks(model)
-    remove_noisynn(model)
 
     if cfg.position == "image":
         site, prefix, grid = model, 0, None
@@ -119,6 +118,8 @@ def apply_noisynn(model: nn.Module, config: Any = None) -> nn.Module:
             site = block.norm1
         else:
             site = block
+    # Everything is validated: only now drop the noise applied before (a rejected config keeps it).
+    remove_noisynn(model)
     if hasattr(site, _SITE_ATTR):
         raise ConfigError(f"{type(site).__name__} already has an attribute {_SITE_ATTR!r}; cannot attach the noise")
 
