@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional
 
 from .errors import BackendUnavailableError
 
-__all__ = ["extension", "extension_error", "backend_info", "BACKENDS", "requested_backend"]
+__all__ = ["extension", "extension_error", "backend_info", "BACKENDS", "requested_backend", "select_backend",
+           "backend_status", "triton_interpreted"]
 
 #: Every backend name the package knows.  Which ones exist in this installation: backend_info().
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -54,30 +55,95 @@ def requested_backend() -> Optional[str]:
     return name
 
 
+def triton_interpreted() -> bool:
+    """Whether this process's Triton kernels run in Triton's CPU interpreter.  Triton decides when a
+    kernel is defined, so once the package's kernel modules are imported their choice is final and
+    a later change of ``TRITON_INTERPRET`` does not count."""
+    import sys
+
+    for name in ("noisynn_kernels.triton.mix_layernorm", "noisynn_kernels.triton.random_noise"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            return type(getattr(mod, "mix_add_layernorm_fwd_kernel", None)
+                        or getattr(mod, "gaussian_noise_kernel")).__name__ == "InterpretedFunction"
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _triton_status() -> Dict[str, Any]:
     try:
         import triton
     except ImportError as e:
         return {"available": False, "why": f"triton is not installed ({e})"}
-    return {"available": True, "version": triton.__version__,
-            "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1"}
+    return {"available": True, "version": triton.__version__, "interpreter": triton_interpreted()}
+
+
+def backend_status(name: str, device_type: str) -> Optional[str]:
+    """``None`` when backend ``name`` can run ops on ``device_type`` here, else the reason it cannot."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        t = _triton_status()
+        if not t["available"]:
+            return t["why"]
+        if device_type == "cuda":
+            return None
+        if device_type == "cpu" and t["interpreter"]:
+            return None
+        return (f"Triton kernels run CUDA tensors, and CPU tensors only under the Triton interpreter "
+                f"(TRITON_INTERPRET=1 set before triton is imported); got a {device_type} tensor")
+    if name in ("cpu", "cuda"):
+        if device_type != name:
+            return f"the {name} backend runs {name.upper()} tensors only"
+        ext = extension()
+        if ext is None:
+            return f"the compiled extension is not importable ({extension_error()})"
+        return f"the compiled extension has no {name} kernels yet"
+    raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def select_backend(device_type: str, requested: Optional[str] = None) -> str:
+    """The backend that runs fused ops on ``device_type``: ``requested`` (argument, else the
+    ``NOISYNN_BACKEND`` variable) if it can run there, else an error saying why; without a request,
+    ``triton`` on CUDA and ``reference`` elsewhere (the Triton interpreter is for tests, never chosen
+    automatically).  Never falls back silently: an unavailable request raises
+    :class:`~noisynn_kernels.BackendUnavailableError`."""
+    name = requested.strip().lower() if isinstance(requested, str) else requested
+    if name in (None, "", "auto"):
+        name = requested_backend()
+    if name is None:
+        if device_type == "cuda" and backend_status("triton", "cuda") is None:
+            return "triton"
+        return "reference"
+    if name not in BACKENDS:
+        raise BackendUnavailableError(f"backend {name!r} is not a backend; expected 'auto' or one of {BACKENDS}")
+    why = backend_status(name, device_type)
+    if why is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run on {device_type}: {why}")
+    return name
 
 
 def backend_info() -> Dict[str, Any]:
-    """What this installation has: the compiled extension and its build, Triton, CUDA, and which
-    backend each device would use.  Fused-kernel backends join this report as they are added;
-    until then every op runs the ``reference`` (pure PyTorch) implementation."""
+    """What this installation has: the compiled extension and its build, Triton, CUDA, each
+    backend's availability per device (with the reason where it is missing), and which backend each
+    device uses by default."""
     import torch
 
     ext = extension()
+    backends = {}
+    for name in BACKENDS:
+        per_device = {}
+        for dev in ("cpu", "cuda"):
+            why = backend_status(name, dev)
+            per_device[dev] = True if why is None else why
+        backends[name] = per_device
     info: Dict[str, Any] = {
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "extension": {"built": ext is not None},
         "triton": _triton_status(),
         "requested": requested_backend(),
-        "backends": {"reference": {"available": True}},
-        "chosen": {"cpu": "reference", "cuda": "reference"},
+        "backends": backends,
+        "chosen": {dev: select_backend(dev) for dev in ("cpu", "cuda")},
     }
     if ext is None:
         info["extension"]["why"] = extension_error()

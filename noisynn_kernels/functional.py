@@ -7,15 +7,24 @@ computation is the reference implementation in :mod:`noisynn_kernels.reference`.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+import torch.nn.functional as F
+
 from . import quality, reference
+from ._ext import select_backend
 from .errors import ConfigError, QualityMatrixError, ShapeError
+
+if TYPE_CHECKING:
+    from .config import NoiseConfig
 
 __all__ = [
     "AXES",
+    "mix_add_layernorm",
+    "check_mix_add_layernorm",
+    "MixSpec",
     "linear_transform_noise",
     "gaussian_noise",
     "salt_and_pepper_noise",
@@ -183,3 +192,104 @@ def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low: Optional[float] = N
     if low is not None and high is not None and low > high:
         raise ConfigError(f"low must be <= high, got low = {low}, high = {high}")
     return reference.salt_and_pepper_noise(x, p, low=low, high=high, prefix_tokens=prefix_tokens, generator=generator)
+
+
+class MixSpec(NamedTuple):
+    """Validated arguments of :func:`mix_add_layernorm` (what every backend launches with)."""
+
+    cfg: "NoiseConfig"
+    prefix_tokens: int
+    grid: Optional[Tuple[int, int]]  # (gh, gw) for axis='rows', else None
+    k: int                           # rows mixed together
+
+
+def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm) -> MixSpec:
+    """The backend-independent checks of :func:`mix_add_layernorm`, done once per call."""
+    from .config import NoiseConfig
+
+    check_activation(x)
+    if x.dim() != 3:
+        raise ShapeError(f"x must be (B, N, D) tokens, got shape {tuple(x.shape)} (rank {x.dim()})")
+    for t, tname, shape in ((residual, "residual", x.shape), (weight, "weight", x.shape[-1:]),
+                            (bias, "bias", x.shape[-1:])):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ShapeError(f"{tname} must be a torch.Tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise ShapeError(f"{tname} has shape {tuple(t.shape)}, expected {tuple(shape)} to match x of shape "
+                             f"{tuple(x.shape)}")
+        if not t.is_floating_point():
+            raise ShapeError(f"{tname} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise ShapeError(f"{tname} is on {t.device} but x is on {x.device}; expected the same device")
+    if residual is not None and residual.dtype != x.dtype:
+        raise ShapeError(f"residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
+    if not isinstance(mix_after_norm, bool):
+        raise ConfigError(f"mix_after_norm must be a bool, got {mix_after_norm!r}")
+    prefix_tokens = check_prefix(x, prefix_tokens)
+    cfg = NoiseConfig.coerce(mix)
+    if cfg is None:
+        cfg = NoiseConfig(kind="identity")
+    if not cfg.is_linear:
+        raise ConfigError(f"mix must be linear transform noise (kind in {quality.LINEAR_KINDS}) or None, "
+                          f"got kind={cfg.kind!r}")
+    k, rows_grid = _mix_geometry(x, cfg.axis, prefix_tokens, grid)
+    rows_grid = rows_grid if cfg.axis == "rows" else None
+    if cfg.kind == "dense" and tuple(cfg.matrix.shape) != (k, k):
+        raise ShapeError(f"dense quality matrix has shape {tuple(cfg.matrix.shape)}, expected ({k}, {k}): axis="
+                         f"{cfg.axis!r} mixes k = {k} rows of x of shape {tuple(x.shape)} "
+                         f"(prefix_tokens = {prefix_tokens})")
+    if cfg.kind == "shift" and cfg.check_matrix:
+        quality.check_structured("shift", k, cfg.alpha)
+    return MixSpec(cfg, prefix_tokens, rows_grid, k)
+
+
+def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+                      bias: Optional[torch.Tensor] = None, eps: float = 1e-6, *, mix=None, prefix_tokens: int = 0,
+                      grid: Optional[Sequence[int]] = None, mix_after_norm: bool = False,
+                      backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Residual add + ``(I + Q)`` mix + LayerNorm in one op: returns ``(normed, residual_out)``.
+
+    ``s = x + residual`` (or ``x``).  By default ``residual_out = M s`` and ``normed = LN(residual_out)``
+    (noise in the residual stream entering a block); with ``mix_after_norm=True`` ``residual_out = s``
+    and ``normed = M LN(s)`` (the official ViT position, the LayerNorm-1 output).
+
+    Args:
+        x, residual: ``(B, N, D)`` tokens of one dtype (``residual`` may be ``None``).
+        weight, bias: ``(D,)`` LayerNorm affine parameters, or ``None``.
+        eps: LayerNorm epsilon, > 0.
+        mix: a linear :class:`~noisynn_kernels.NoiseConfig` (``identity``, ``shift``, ``optimal``, ``dense``
+            with its ``axis``, ``alpha``, ``matrix``, ``straight_through``), a dict of its fields, or ``None``
+            for no mixing.  The config's ``train``/``eval`` switches are the caller's business.
+        prefix_tokens: leading class / register tokens: added and normalized, never mixed.
+        grid: ``(gh, gw)`` patch grid for ``axis='rows'`` (inferred when square).
+        mix_after_norm: mix the LayerNorm output instead of the residual stream.
+        backend: ``reference`` (PyTorch ops), ``triton`` (fused kernels; CUDA), or ``None`` for the
+            device's default (:func:`noisynn_kernels.backend_info`).  An unavailable backend raises
+            :class:`~noisynn_kernels.BackendUnavailableError`.
+    """
+    name = select_backend(x.device.type if isinstance(x, torch.Tensor) else "cpu", backend)
+    spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
+    if name == "triton":
+        from .ops.mix_add_layernorm import launch
+
+        return launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+    cfg = spec.cfg
+    M = quality.mixing_matrix("dense", spec.k, matrix=cfg.matrix) if cfg.kind == "dense" else None
+
+    def apply_mix(t):
+        if cfg.kind == "identity":
+            return t
+        return reference.linear_transform_noise(t, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, M=M,
+                                                prefix_tokens=spec.prefix_tokens, grid=spec.grid,
+                                                straight_through=cfg.straight_through)
+
+    D = x.shape[-1]
+    s = x if residual is None else x + residual
+    if mix_after_norm:
+        return apply_mix(F.layer_norm(s, (D,), weight, bias, eps)), s
+    r = apply_mix(s)
+    return F.layer_norm(r, (D,), weight, bias, eps), r

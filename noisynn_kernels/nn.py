@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import functional as F
+from ._ext import select_backend
 from .config import NoiseConfig
 
 __all__ = ["NoiseInjection"]
@@ -25,6 +26,10 @@ class NoiseInjection(nn.Module):
     ``dense`` quality matrix is a non-persistent buffer, so it follows ``.to(device)``.  With
     ``config.seed`` set, the random kinds draw from the module's own generator (one per device,
     seeded on first use; :meth:`reset_generator` starts the sequence again).
+
+    Random kinds run the fused Triton kernels where the device's backend is ``triton`` (CUDA by
+    default, see :func:`noisynn_kernels.backend_info`; the kernel's Philox seed is drawn from the
+    same generator), and the reference ops otherwise.
     """
 
     def __init__(self, config, prefix_tokens: int = 0, grid: Optional[Sequence[int]] = None):
@@ -70,11 +75,17 @@ class NoiseInjection(nn.Module):
             if check and cfg.kind == "dense":
                 self._validated_k.add(F.mixed_size(x, cfg.axis, prefix, grid))
             return out
+        if select_backend(x.device.type) == "triton":
+            from .ops import random_noise as fused
+
+            gaussian, salt_and_pepper = fused.gaussian_noise_fused, fused.salt_and_pepper_noise_fused
+        else:
+            gaussian, salt_and_pepper = F.gaussian_noise, F.salt_and_pepper_noise
         if cfg.kind == "gaussian":
-            return F.gaussian_noise(x, std=cfg.std, mean=cfg.mean, strength=cfg.strength, prefix_tokens=prefix,
-                                    generator=self._generator(x))
-        return F.salt_and_pepper_noise(x, cfg.p, low=cfg.low, high=cfg.high, prefix_tokens=prefix,
-                                       generator=self._generator(x))
+            return gaussian(x, std=cfg.std, mean=cfg.mean, strength=cfg.strength, prefix_tokens=prefix,
+                            generator=self._generator(x))
+        return salt_and_pepper(x, cfg.p, low=cfg.low, high=cfg.high, prefix_tokens=prefix,
+                               generator=self._generator(x))
 
     def extra_repr(self) -> str:
         c = self.config

@@ -121,7 +121,10 @@ def test_bad_arguments():
 
 
 def test_refuses_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import noisynn_kernels.ops.random_noise as fused
+
+    # Whether kernels are interpreted is fixed when they are defined: simulate compiled kernels.
+    monkeypatch.setattr(fused, "triton_interpreted", lambda: False)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
         gaussian_noise_fused(torch.zeros(2, 3, 4), seed=1)
 
@@ -161,3 +164,21 @@ def test_compiled_noise_matches_eager():
         return torch.ops.noisynn.gaussian_noise(t, 5, 0.0, 1.0, 0.1, 1) * 2
 
     assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_noise_module_uses_fused_kernels_when_backend_is_triton(monkeypatch):
+    import noisynn_kernels.ops.random_noise as fused
+    from noisynn_kernels import NoiseConfig, NoiseInjection
+
+    monkeypatch.setenv("NOISYNN_BACKEND", "triton")
+    calls = []
+    real = fused.gaussian_noise_fused
+    monkeypatch.setattr(fused, "gaussian_noise_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    mod = NoiseInjection(NoiseConfig(kind="gaussian", seed=3), prefix_tokens=1)
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    a = mod(x)
+    mod.reset_generator()
+    assert torch.equal(mod(x), a) and len(calls) == 2  # fused, and seeded through the module's generator
+    monkeypatch.setenv("NOISYNN_BACKEND", "reference")
+    mod(x)
+    assert len(calls) == 2

@@ -15,13 +15,13 @@ The Triton backend runs CUDA tensors, and CPU tensors under the Triton interpret
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from .._ext import triton_interpreted
 from ..errors import BackendUnavailableError, ConfigError
 from ..functional import _check_generator, _finite, check_activation, check_prefix
 from ..triton.random_noise import gaussian_noise_kernel, salt_and_pepper_backward_kernel, salt_and_pepper_kernel
@@ -33,7 +33,7 @@ _BLOCK = 1024
 
 def triton_runs_on(device: torch.device) -> bool:
     """Whether Triton kernels can run on ``device`` here (CUDA, or CPU under the interpreter)."""
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
 def _layout(x: torch.Tensor, prefix_tokens: int):

@@ -1,0 +1,331 @@
+"""Fused residual add + ``(I + Q)`` mix + LayerNorm on Triton: ``noisynn::mix_add_layernorm_fwd/bwd``.
+
+Semantics (the oracle is :func:`noisynn_kernels.reference.mix_add_layernorm`): with
+``s = x + residual`` (or ``x``), by default ``residual_out = M s`` and ``normed = LN(residual_out)``;
+with ``mix_after_norm`` ``residual_out = s`` and ``normed = M LN(s)`` (the official ViT position).
+``M = I + Q`` mixes along ``tokens``, ``rows`` or ``batch``; prefix tokens are added and normalized but
+never mixed.
+
+Layout:
+
+- ``triton/mix_layernorm.py`` holds the ``@triton.jit`` kernels;
+- this module holds the launchers, registered with ``torch.library.triton_op`` (kernels launched
+  through ``wrap_triton`` so ``torch.compile`` can trace into them), their fake implementations,
+  the autograd formula and :func:`mix_add_layernorm`, the checked entry point.
+
+Launcher conventions: inputs are made contiguous here (a copy for non-contiguous inputs; the
+kernels index rows as ``row * D``), outputs are allocated here, never in kernels.  Statistics and
+``dweight``/``dbias`` partials are fp32; ``normed``, ``residual_out`` and ``dx`` have ``x``'s dtype
+(also when ``weight``/``bias`` have another dtype, unlike the reference, which type-promotes).
+Backward recomputes ``x_hat`` from ``residual_out``: it *is* the LayerNorm input in both orders.
+
+Autograd: ``x``, ``residual``, ``weight`` and ``bias`` are differentiable; the ``dense`` matrix is not
+(treated as a constant), and there is no double backward.  ``straight_through`` configs run the
+mixed forward and an unmixed (identity) backward, as the reference's ``x + (Mx - x).detach()``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from .. import quality
+from .._ext import triton_interpreted
+from ..errors import BackendUnavailableError, ConfigError, ShapeError
+from ..functional import MixSpec, check_mix_add_layernorm
+from ..triton import mix_layernorm as kernels
+
+__all__ = ["mix_add_layernorm", "launch", "mix_add_layernorm_fwd", "mix_add_layernorm_bwd", "KIND_CODES", "AXIS_CODES"]
+
+#: Op-schema codes of the mixing kinds and axes (the kernels' constexpr values).
+KIND_CODES = {"identity": kernels.IDENTITY.value, "shift": kernels.SHIFT.value,
+              "optimal": kernels.OPTIMAL.value, "dense": kernels.DENSE.value}
+AXIS_CODES = {"tokens": kernels.AXIS_TOKENS.value, "rows": kernels.AXIS_ROWS.value,
+              "batch": kernels.AXIS_BATCH.value}
+
+#: Whether the kernels run in Triton's CPU interpreter (decided when triton.jit wrapped them).
+INTERPRETED = triton_interpreted()
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_ROW_BYTES = 65536  # one row of D lives in one block
+
+
+# --------------------------------------------------------------------------------------------------
+# launch geometry
+
+
+def _geometry(B: int, N: int, axis: int, prefix_tokens: int, grid_w: int) -> Tuple[int, int, int]:
+    """``(K, STEP, groups)``: mixed rows per group, token step between them (tokens/rows), group count."""
+    n_patches = N - prefix_tokens
+    if axis == AXIS_CODES["tokens"]:
+        return n_patches, 1, B
+    if axis == AXIS_CODES["rows"]:
+        return n_patches // grid_w, grid_w, B * grid_w
+    return B, 1, n_patches
+
+
+def _num_warps(block_d: int) -> int:
+    return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
+
+
+def _backward_programs(device: torch.device, n_rows: int) -> int:
+    """Programs of the backward kernel: each loops over a slice of rows and writes one fp32 partial
+    of dweight / dbias, so few programs keep the partials small (one per SM on a GPU)."""
+    if device.type == "cuda":
+        n = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        n = 8
+    return max(1, min(n_rows, n))
+
+
+# --------------------------------------------------------------------------------------------------
+# forward op
+
+
+@triton_op("noisynn::mix_add_layernorm_fwd", mutates_args={})
+def mix_add_layernorm_fwd(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    eps: float,
+    kind: int,
+    axis: int,
+    alpha: float,
+    mix_matrix: Optional[Tensor],
+    prefix_tokens: int,
+    grid_w: int,
+    mix_after_norm: bool,
+    straight_through: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(normed, residual_out, mean, rstd)`` for ``(B, N, D)`` inputs; ``mean``/``rstd`` are the fp32
+    statistics of the LayerNorm input, one per row of ``B * N``.  ``mix_matrix`` is the ``K x K``
+    mixing matrix ``M = I + Q`` (``dense`` only).  ``straight_through`` only changes the backward."""
+    B, N, D = x.shape
+    n_rows = B * N
+    x = x.contiguous()
+    has_residual, has_weight, has_bias = residual is not None, weight is not None, bias is not None
+    res = residual.contiguous() if has_residual else x
+    w = weight.contiguous() if has_weight else x
+    b = bias.contiguous() if has_bias else x
+    normed = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+    residual_out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+    mean = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+    K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
+    block_d = triton.next_power_of_2(D)
+    num_warps = _num_warps(block_d)
+
+    # Placeholder pointers for unused arguments are inputs the kernel never writes (a written output
+    # passed twice would look aliased to torch.compile's mutation analysis).
+    colsum = x  # placeholder: read only when kind == optimal
+    if kind == KIND_CODES["optimal"]:
+        colsum = torch.empty((groups, D), dtype=torch.float32, device=x.device)
+        src = kernels.SRC_NORM.value if mix_after_norm else kernels.SRC_SUM.value
+        wrap_triton(kernels.group_sum_kernel)[(groups,)](
+            colsum, x, res, w, b, x, x, x, N, prefix_tokens, K, step, D, eps,
+            AXIS=axis, SRC=src, HAS_RES=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+            BLOCK_D=block_d, num_warps=num_warps)
+    mix = x  # placeholder: read only when kind == dense
+    if kind == KIND_CODES["dense"]:
+        mix = mix_matrix.to(device=x.device, dtype=torch.float32).contiguous()
+
+    wrap_triton(kernels.mix_add_layernorm_fwd_kernel)[(n_rows,)](
+        x, res, w, b, normed, residual_out, mean, rstd, mix, colsum,
+        n_rows, N, prefix_tokens, K, step, D, eps, alpha, K - 1, 1,
+        KIND=kind, AXIS=axis, HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        MIX_AFTER_NORM=mix_after_norm, BLOCK_D=block_d, num_warps=num_warps)
+    return normed, residual_out, mean, rstd
+
+
+@mix_add_layernorm_fwd.register_fake
+def _mix_add_layernorm_fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens,
+                                grid_w, mix_after_norm, straight_through):
+    B, N, D = x.shape
+    return (x.new_empty((B, N, D)), x.new_empty((B, N, D)),
+            x.new_empty((B * N,), dtype=torch.float32), x.new_empty((B * N,), dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# backward op
+
+
+@triton_op("noisynn::mix_add_layernorm_bwd", mutates_args={})
+def mix_add_layernorm_bwd(
+    d_normed: Tensor,
+    d_residual_out: Optional[Tensor],
+    residual_out: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    kind: int,
+    axis: int,
+    alpha: float,
+    mix_matrix: Optional[Tensor],
+    prefix_tokens: int,
+    grid_w: int,
+    mix_after_norm: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx, dweight, dbias)``: ``dx`` (also the gradient of ``residual``) in ``residual_out``'s dtype,
+    ``dweight``/``dbias`` fp32 of shape ``(D,)`` (computed whether or not the forward had them)."""
+    B, N, D = residual_out.shape
+    n_rows = B * N
+    device = residual_out.device
+    r = residual_out.contiguous()
+    dy = d_normed.contiguous()
+    has_dres, has_weight = d_residual_out is not None, weight is not None
+    dres = d_residual_out.contiguous() if has_dres else dy
+    w = weight.contiguous() if has_weight else dy
+    dx = torch.empty((B, N, D), dtype=residual_out.dtype, device=device)
+    K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
+    block_d = triton.next_power_of_2(D)
+    num_warps = _num_warps(block_d)
+
+    colsum = dy  # placeholder (never written): read only when kind == optimal (M is symmetric)
+    if kind == KIND_CODES["optimal"]:
+        colsum = torch.empty((groups, D), dtype=torch.float32, device=device)
+        if mix_after_norm:
+            src, src_has_res = kernels.SRC_GRAD.value, False
+        else:
+            src, src_has_res = kernels.SRC_LN_GRAD.value, has_dres
+        wrap_triton(kernels.group_sum_kernel)[(groups,)](
+            colsum, dy, dres, w, w, r, mean, rstd, N, prefix_tokens, K, step, D, 0.0,
+            AXIS=axis, SRC=src, HAS_RES=src_has_res, HAS_WEIGHT=has_weight, HAS_BIAS=False,
+            BLOCK_D=block_d, num_warps=num_warps)
+    mix_t = dy  # placeholder (never written): read only when kind == dense
+    if kind == KIND_CODES["dense"]:
+        mix_t = mix_matrix.to(device=device, dtype=torch.float32).t().contiguous()
+
+    n_programs = _backward_programs(device, n_rows)
+    rows_per_program = triton.cdiv(n_rows, n_programs)
+    n_programs = triton.cdiv(n_rows, rows_per_program)
+    dw_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
+    db_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
+    wrap_triton(kernels.mix_add_layernorm_bwd_kernel)[(n_programs,)](
+        dy, dres, r, w, mean, rstd, dx, dw_part, db_part, mix_t, colsum,
+        n_rows, N, prefix_tokens, K, step, D, alpha, 1, rows_per_program,
+        KIND=kind, AXIS=axis, HAS_DRES=has_dres, HAS_WEIGHT=has_weight, MIX_AFTER_NORM=mix_after_norm,
+        BLOCK_D=block_d, num_warps=num_warps)
+    return dx, dw_part.sum(dim=0), db_part.sum(dim=0)
+
+
+@mix_add_layernorm_bwd.register_fake
+def _mix_add_layernorm_bwd_fake(d_normed, d_residual_out, residual_out, weight, mean, rstd, kind, axis, alpha,
+                                mix_matrix, prefix_tokens, grid_w, mix_after_norm):
+    D = residual_out.shape[-1]
+    return (residual_out.new_empty(residual_out.shape), residual_out.new_empty((D,), dtype=torch.float32),
+            residual_out.new_empty((D,), dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd
+
+
+def _setup_context(ctx, inputs, output):
+    (x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
+     straight_through) = inputs
+    _, residual_out, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(residual_out, weight, mean, rstd, mix_matrix)
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    # Straight-through: forward M x, gradient the identity.
+    ctx.kind = KIND_CODES["identity"] if straight_through else kind
+    ctx.axis, ctx.alpha, ctx.prefix_tokens, ctx.grid_w = axis, alpha, prefix_tokens, grid_w
+    ctx.mix_after_norm = mix_after_norm
+
+
+def _backward(ctx, d_normed, d_residual_out, _d_mean, _d_rstd):
+    residual_out, weight, mean, rstd, mix_matrix = ctx.saved_tensors
+    if d_normed is None:
+        d_normed = torch.zeros_like(residual_out)
+    dx, dw, db = mix_add_layernorm_bwd(
+        d_normed, d_residual_out, residual_out, weight, mean, rstd, ctx.kind, ctx.axis, ctx.alpha, mix_matrix,
+        ctx.prefix_tokens, ctx.grid_w, ctx.mix_after_norm)
+    need = ctx.needs_input_grad
+    d_x = dx if need[0] else None
+    d_res = None
+    if ctx.has_residual and need[1]:
+        d_res = dx.clone() if d_x is not None else dx  # x and residual get separate gradient tensors
+    d_w = dw.to(weight.dtype) if weight is not None and need[2] else None
+    d_b = db.to(residual_out.dtype if weight is None else weight.dtype) if ctx.has_bias and need[3] else None
+    return d_x, d_res, d_w, d_b, None, None, None, None, None, None, None, None, None
+
+
+mix_add_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# checked entry point
+
+
+def mix_add_layernorm(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None, eps: float = 1e-6, *, mix=None, prefix_tokens: int = 0,
+                      grid=None, mix_after_norm: bool = False) -> Tuple[Tensor, Tensor]:
+    """Fused ``residual add + (I + Q) mix + LayerNorm`` (Triton): returns ``(normed, residual_out)``.
+
+    ``s = x + residual`` (or ``x``).  By default ``residual_out = M s`` and ``normed = LN(residual_out)``;
+    with ``mix_after_norm=True`` ``residual_out = s`` and ``normed = M LN(s)``.
+
+    Args:
+        x: ``(B, N, D)`` tokens, fp16 / bf16 / fp32, on a CUDA device (or on CPU with ``TRITON_INTERPRET=1``;
+            no bf16 there).  Non-contiguous inputs are copied to contiguous ones.
+        residual: ``None`` or a tensor of ``x``'s shape and dtype.
+        weight, bias: ``None`` or ``(D,)`` LayerNorm affine parameters (any float dtype; outputs keep
+            ``x``'s dtype).
+        eps: LayerNorm epsilon, > 0.
+        mix: a linear :class:`~noisynn_kernels.NoiseConfig` (``identity``, ``shift``, ``optimal``, ``dense``;
+            its ``axis``, ``alpha``, ``matrix``, ``straight_through`` and ``check_matrix`` are used), or
+            ``None`` for no mixing.  Its ``train``/``eval`` switches are the caller's business: this op
+            always applies the mix it is given.
+        prefix_tokens: leading class / register tokens: added and normalized, never mixed.
+        grid: ``(gh, gw)`` patch grid for ``axis='rows'`` (inferred when the patch count is square;
+            ignored by the other axes, as in :func:`noisynn_kernels.linear_transform_noise`).
+        mix_after_norm: mix the LayerNorm output instead of the residual stream.
+
+    Raises:
+        ShapeError, ConfigError, QualityMatrixError, BackendUnavailableError: with what was given and
+        what was expected.
+    """
+    spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
+    return launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+
+
+def launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+           spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+    """Run the fused op on arguments already validated by
+    :func:`noisynn_kernels.functional.check_mix_add_layernorm`; adds the Triton-specific checks."""
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ShapeError(f"x has dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    D = x.shape[-1]
+    if triton.next_power_of_2(D) * x.element_size() > _MAX_ROW_BYTES:
+        raise ShapeError(f"D = {D} is too large: a row of next_power_of_2(D) = {triton.next_power_of_2(D)} "
+                         f"{x.dtype} elements exceeds {_MAX_ROW_BYTES} bytes (one row is one block)")
+    if x.device.type != "cuda" and not (INTERPRETED and x.device.type == "cpu"):
+        raise BackendUnavailableError(
+            f"the triton mix_add_layernorm needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set "
+            f"before triton is imported), got x on {x.device}")
+    if INTERPRETED and x.dtype == torch.bfloat16:
+        raise BackendUnavailableError("Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got x of dtype "
+                                      "torch.bfloat16, expected float16 or float32")
+    cfg = spec.cfg
+    mix_matrix = None
+    if cfg.kind == "dense":
+        q = cfg.matrix
+        if q.requires_grad and torch.is_grad_enabled():
+            raise ConfigError("the dense quality matrix requires grad, but the fused op treats it as a constant "
+                              "(no gradient wrt Q); detach it, or use noisynn_kernels.reference to learn Q")
+        mix_matrix = quality.mixing_matrix("dense", spec.k, matrix=q).to(device=x.device, dtype=torch.float32)
+        # Data-dependent (a graph break under torch.compile): checked in eager only.  NoiseConfig has
+        # rejected non-finite Q already; this catches values that overflow fp32.
+        if not torch.compiler.is_compiling() and not torch.isfinite(mix_matrix).all():
+            raise ConfigError("dense quality matrix has non-finite entries (in fp32); expected finite values")
+    grid_w = spec.grid[1] if spec.grid is not None else 1
+    normed, residual_out, _, _ = mix_add_layernorm_fwd(
+        x, residual, weight, bias, float(eps), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha),
+        mix_matrix, spec.prefix_tokens, grid_w, mix_after_norm, bool(cfg.straight_through))
+    return normed, residual_out
