@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     b.add_argument("--noise", type=_noise_arg, default=None,
                    help="model noise: KIND, KIND:AXIS, or FIELD=VALUE,... of NoiseConfig (default: optimal:tokens)")
+    b.add_argument("--backend", default=None,
+                   help="kernel backend for the noisynn competitor: reference, triton, ... (default: per device, "
+                        "see `noisynn info`)")
     b.add_argument("--no-ops", dest="ops", action="store_false", help="skip the op microbenchmarks")
     b.add_argument("--op-shape", type=int, nargs=3, default=(64, 197, 768), metavar=("B", "N", "D"))
     b.add_argument("--warmup", type=int, default=2)
@@ -87,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("noisynn bench: --batch-size and --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     opts = BenchOptions(models=models, batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype,
-                        device=args.device, noise=args.noise, ops=args.ops, op_shape=tuple(args.op_shape),
+                        device=args.device, noise=args.noise, backend=args.backend, ops=args.ops, op_shape=tuple(args.op_shape),
                         warmup=args.warmup, iters=args.iters, out=args.out, quiet=args.quiet)
     try:
         result = run(opts)

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import quality
+from .._ext import select_backend
 from ..config import NoiseConfig
-from ..functional import linear_transform_noise
+from ..functional import mix_add_layernorm
 from .eager import eager_add_noise_layernorm, make_eager
 from .timing import Timing, measure_interleaved
 
@@ -52,6 +53,7 @@ class BenchOptions:
     op_kinds: tuple = ("optimal", "shift")
     op_axes: tuple = ("tokens", "rows")
     modes: tuple = ("forward", "forward+backward")
+    backend: Optional[str] = None
     warmup: int = 2
     iters: int = 10
     out: str = "bench_out"
@@ -155,9 +157,11 @@ def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env) -> dict:
     def eager():
         return eager_add_noise_layernorm(x, res, Q, w, b, 1e-6, axis, prefix, grid)[0]
 
+    backend = select_backend(device.type, opts.backend)
+    mix = NoiseConfig(kind=kind, axis=axis)
+
     def ours():
-        r = linear_transform_noise(x + res, kind, axis=axis, prefix_tokens=prefix, grid=grid, check=False)
-        return F.layer_norm(r, (D,), w, b, 1e-6)
+        return mix_add_layernorm(x, res, w, b, 1e-6, mix=mix, prefix_tokens=prefix, grid=grid, backend=backend)[0]
 
     def layernorm():
         return F.layer_norm(x + res, (D,), w, b, 1e-6)
@@ -179,7 +183,7 @@ def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env) -> dict:
     timings = measure_interleaved({"eager": call(eager), "noisynn": call(ours), "layernorm": call(layernorm)},
                                   warmup=opts.warmup, iters=opts.iters, device=device)
     cfg = {"op": "add+noise+layernorm", "kind": kind, "axis": axis, "mode": mode, "shape": [B, N, D],
-           "dtype": str(dtype).replace("torch.", ""), "backend": "reference", "prefix_tokens": prefix}
+           "dtype": str(dtype).replace("torch.", ""), "backend": backend, "prefix_tokens": prefix}
     return _row("op", f"{kind}/{axis}", cfg, timings, ["eager", "layernorm"], env)
 
 
@@ -195,6 +199,11 @@ def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
     noise = opts.noise if opts.noise is not None else NoiseConfig()
     plain = timm.create_model(base_model_name(name), **kw)
     ours = timm.create_model(name, noise=noise, **kw)
+    backend = select_backend(device.type, opts.backend)
+    if "vit" in name:
+        from ..models.fused import swap_fused_ops
+
+        swap_fused_ops(ours, backend=backend)
     eager = make_eager(timm.create_model(name, noise=noise, **kw))
     for m in (ours, eager):
         m.load_state_dict(plain.state_dict(), strict=True)
@@ -224,7 +233,7 @@ def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
     timings = measure_interleaved(fns, warmup=max(1, opts.warmup // 2), iters=max(3, opts.iters // 2),
                                   device=device)
     cfg = {"model": name, "mode": mode, "batch_size": B, "img_size": opts.img_size,
-           "dtype": str(dtype).replace("torch.", ""), "backend": "reference",
+           "dtype": str(dtype).replace("torch.", ""), "backend": backend if "vit" in name else "reference",
            "noise": {k: v for k, v in noise.to_dict().items() if v is not None}}
     return _row("model", f"{name}/{mode}", cfg, timings, ["eager", "timm"], env, items_per_call=B)
 

@@ -1,0 +1,130 @@
+"""Swap fused ``mix_add_layernorm`` into a timm ViT-family model in place, and back.
+
+A pre-norm ViT runs, per block, ``x = x + attn(norm1(x))`` and ``x = x + mlp(norm2(x))``.  After
+:func:`swap_fused_ops` the block stack runs every residual add together with the LayerNorm that
+follows it as one :func:`~noisynn_kernels.mix_add_layernorm` call (the MLP add of block ``i`` with
+``norm1`` of block ``i + 1``), and folds a linear noise site into the same call: ``block_input``
+noise mixes the residual stream (``residual_out = M s``), ``attn_input`` noise mixes the
+LayerNorm-1 output (``mix_after_norm``).  Random noises at a site are applied unfused, where the
+hooks would apply them.
+
+Nothing is replaced but the ``forward`` of ``model.blocks`` (an instance attribute), so every
+parameter, buffer and ``state_dict()`` key is untouched and :func:`unswap_fused_ops` restores the
+original exactly.  The noise is read from the model at every call, so ``apply_noisynn`` /
+``remove_noisynn`` work before or after the swap.  Hooks registered on individual blocks or their
+``norm1``/``norm2`` are not called by the fused stack (the noise hooks are honoured by it).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Optional
+
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from .patch import _SITE_ATTR, model_family
+
+__all__ = ["swap_fused_ops", "unswap_fused_ops", "is_swapped"]
+
+_FUSED_ATTR = "_noisynn_fused_backend"
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+
+
+def _check_block(i: int, blk: nn.Module) -> None:
+    from timm.models.vision_transformer import Block
+
+    if type(blk).forward is not Block.forward or any(not hasattr(blk, p) for p in _BLOCK_PARTS):
+        raise UnsupportedModelError(
+            f"swap_fused_ops needs timm pre-norm transformer blocks (timm.models.vision_transformer.Block: "
+            f"x + attn(norm1(x)), x + mlp(norm2(x))); block {i} is {type(blk).__name__}")
+    for name in ("norm1", "norm2"):
+        norm = getattr(blk, name)
+        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+            raise UnsupportedModelError(f"swap_fused_ops fuses LayerNorm over the last dim; block {i}.{name} is "
+                                        f"{type(norm).__name__}")
+
+
+def _active_site(module: nn.Module):
+    site = module._modules.get(_SITE_ATTR)
+    if site is None or not site.config.active(site.training):
+        return None
+    return site
+
+
+def _fused_blocks_forward(blocks: nn.Sequential, x):
+    from ..functional import mix_add_layernorm
+
+    backend = getattr(blocks, _FUSED_ATTR)
+    res, pending = x, None  # residual stream, and the branch output not yet added to it
+    for blk in blocks:
+        for norm_name, branch in (("norm1", "attn"), ("norm2", "mlp")):
+            norm = getattr(blk, norm_name)
+            mix, after, prefix, grid, post = None, False, 0, None, None
+            if norm_name == "norm1":
+                site = _active_site(blk)
+                if site is not None and site.config.is_linear:
+                    mix, prefix, grid = site.config, site.prefix_tokens, site.grid
+                elif site is not None:  # random noise on the residual stream entering the block
+                    res = site(res if pending is None else res + pending)
+                    pending = None
+                site = _active_site(norm)
+                if site is not None and site.config.is_linear:
+                    mix, after, prefix, grid = site.config, True, site.prefix_tokens, site.grid
+                elif site is not None:
+                    post = site
+            if pending is None:
+                normed, res = mix_add_layernorm(res, None, norm.weight, norm.bias, norm.eps, mix=mix,
+                                                prefix_tokens=prefix, grid=grid, mix_after_norm=after,
+                                                backend=backend)
+            else:
+                normed, res = mix_add_layernorm(pending, res, norm.weight, norm.bias, norm.eps, mix=mix,
+                                                prefix_tokens=prefix, grid=grid, mix_after_norm=after,
+                                                backend=backend)
+            if post is not None:
+                normed = post(normed)
+            if branch == "attn":
+                pending = blk.drop_path1(blk.ls1(blk.attn(normed)))
+            else:
+                pending = blk.drop_path2(blk.ls2(blk.mlp(normed)))
+    return res if pending is None else res + pending
+
+
+def swap_fused_ops(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+    """Run every residual add + LayerNorm pair of a timm ViT-family model through the fused
+    ``mix_add_layernorm`` (noise site or not), in place; returns the model.
+
+    ``backend`` (``reference``, ``triton``, ...; ``None``: chosen per device at each call, see
+    :func:`noisynn_kernels.backend_info`) is checked when the op runs, and an unavailable backend
+    raises :class:`~noisynn_kernels.BackendUnavailableError`.  Raises
+    :class:`~noisynn_kernels.UnsupportedModelError` for models whose blocks are not timm's pre-norm
+    ``Block`` with LayerNorm.  Parameters and ``state_dict()`` keys are unchanged.
+    """
+    if model_family(model) != "vit":
+        raise UnsupportedModelError(f"swap_fused_ops works on timm ViT-family models (.patch_embed and .blocks); "
+                                    f"got {type(model).__name__}")
+    if not isinstance(model.blocks, nn.Sequential):
+        raise UnsupportedModelError(f"swap_fused_ops needs model.blocks to be nn.Sequential, got "
+                                    f"{type(model.blocks).__name__}")
+    if getattr(model, "grad_checkpointing", False):
+        raise UnsupportedModelError("swap_fused_ops does not support timm gradient checkpointing "
+                                    "(model.set_grad_checkpointing(True)); disable it first")
+    for i, blk in enumerate(model.blocks):
+        _check_block(i, blk)
+    setattr(model.blocks, _FUSED_ATTR, backend)
+    model.blocks.forward = types.MethodType(_fused_blocks_forward, model.blocks)
+    return model
+
+
+def unswap_fused_ops(model: nn.Module) -> nn.Module:
+    """Undo :func:`swap_fused_ops`; a model that was not swapped is returned unchanged."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is not None and hasattr(blocks, _FUSED_ATTR):
+        del blocks.__dict__["forward"]
+        delattr(blocks, _FUSED_ATTR)
+    return model
+
+
+def is_swapped(model: nn.Module) -> bool:
+    """Whether :func:`swap_fused_ops` is in effect on ``model``."""
+    return hasattr(getattr(model, "blocks", None), _FUSED_ATTR)

@@ -1,0 +1,133 @@
+"""swap_fused_ops: the fused block stack matches the timm model, keeps its state_dict, reverts exactly."""
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import noisynn_kernels as nk
+from noisynn_kernels import BackendUnavailableError, UnsupportedModelError
+from noisynn_kernels._ext import backend_status, select_backend
+from noisynn_kernels.models.fused import is_swapped, swap_fused_ops, unswap_fused_ops
+
+# The Triton backend runs here through the interpreter (conftest.py) or on a GPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["reference"] + (["triton"] if backend_status("triton", DEVICE) is None else [])
+
+NOISES = [
+    False,
+    dict(kind="optimal", axis="tokens"),
+    dict(kind="shift", axis="rows", layer=1),
+    dict(kind="optimal", axis="rows", position="attn_input"),
+    dict(kind="shift", axis="batch", eval=False),
+    dict(kind="gaussian", seed=3),
+]
+
+
+def _tiny(noise, **kw):
+    torch.manual_seed(0)
+    return timm.create_model("noisy_vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=48,
+                             num_heads=3, num_classes=5, noise=noise, **kw).to(DEVICE)
+
+
+def _tol(backend):
+    # reference: the same PyTorch ops in another order -> bitwise or near; triton: fp32 kernels with
+    # their own reduction order, within a few ulps of fp32 through a 3-block network.
+    return dict(rtol=0, atol=0) if backend == "reference" else dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("noise", NOISES, ids=lambda n: "none" if n is False else "-".join(map(str, n.values())))
+def test_swapped_model_matches_outputs_and_gradients(noise, backend):
+    plain = _tiny(noise).train()
+    fused = copy.deepcopy(plain)
+    swap_fused_ops(fused, backend=backend)
+    assert is_swapped(fused) and list(fused.state_dict()) == list(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    for m in (plain, fused):
+        site = getattr(m.blocks[-1], "noisynn", None)
+        if site is not None:
+            site.reset_generator()
+    ya, yb = plain(x), fused(x)
+    torch.testing.assert_close(yb, ya, **_tol(backend))
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for (n, pa), (_, pb) in zip(plain.named_parameters(), fused.named_parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, **_tol(backend), msg=f"grad of {n}")
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), **_tol(backend))
+
+
+def test_fused_stack_really_runs_the_op(monkeypatch):
+    fused = swap_fused_ops(_tiny(dict(kind="optimal")), backend="reference")
+    calls = []
+    import noisynn_kernels.functional as F
+
+    real = F.mix_add_layernorm
+    monkeypatch.setattr(F, "mix_add_layernorm", lambda *a, **k: calls.append(k.get("mix")) or real(*a, **k))
+    fused(torch.randn(2, 3, 32, 32, device=DEVICE))
+    assert len(calls) == 2 * 3  # one per add + LayerNorm pair
+    assert sum(c is not None for c in calls) == 1  # the noise site, folded into the op
+
+
+def test_unswap_restores_original_forward():
+    m = _tiny(dict(kind="shift"))
+    before = dict(m.blocks.__dict__)
+    swap_fused_ops(m)
+    unswap_fused_ops(m)
+    assert not is_swapped(m) and "forward" not in m.blocks.__dict__
+    assert set(m.blocks.__dict__) == set(before)
+    unswap_fused_ops(m)  # no-op when not swapped
+
+
+def test_noise_applied_after_swap_is_honoured():
+    m = swap_fused_ops(_tiny(False), backend="reference")
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    clean = m.eval()(x)
+    nk.apply_noisynn(m, dict(kind="optimal"))
+    assert not torch.allclose(m(x), clean)
+    nk.remove_noisynn(m)
+    torch.testing.assert_close(m(x), clean, rtol=0, atol=0)
+
+
+def test_plain_timm_vit_and_deit_swap():
+    for name, kw in [("vit_tiny_patch16_224", dict(img_size=32, depth=2)),
+                     ("deit_tiny_distilled_patch16_224", dict(img_size=32, depth=2))]:
+        m = timm.create_model(name, **kw).eval()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            y = m(x)
+            swap_fused_ops(m, backend="reference")
+            torch.testing.assert_close(m(x), y, rtol=1e-6, atol=1e-6)
+
+
+def test_unsupported_models_raise():
+    with pytest.raises(UnsupportedModelError):
+        swap_fused_ops(timm.create_model("resnet18"))
+    with pytest.raises(UnsupportedModelError, match="Block"):
+        swap_fused_ops(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, block_fn=timm.models.vision_transformer.ResPostBlock))
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    m.set_grad_checkpointing(True)
+    with pytest.raises(UnsupportedModelError, match="checkpointing"):
+        swap_fused_ops(m)
+
+
+def test_unavailable_backend_raises_not_falls_back(monkeypatch):
+    m = swap_fused_ops(_tiny(False), backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        m(torch.randn(1, 3, 32, 32, device=DEVICE))
+    monkeypatch.setenv("NOISYNN_BACKEND", "cpu")
+    with pytest.raises(BackendUnavailableError, match="no cpu kernels"):
+        select_backend("cpu")
+
+
+def test_backend_selection_rules(monkeypatch):
+    monkeypatch.delenv("NOISYNN_BACKEND", raising=False)
+    assert select_backend("cpu") == "reference"  # the interpreter is never chosen automatically
+    assert select_backend("cpu", "reference") == "reference"
+    monkeypatch.setenv("NOISYNN_BACKEND", "reference")
+    assert select_backend("cuda") == "reference"
+    with pytest.raises(BackendUnavailableError, match="not a backend"):
+        select_backend("cpu", "fastest")
