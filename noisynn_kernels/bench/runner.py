@@ -33,7 +33,7 @@ from ..functional import mix_add_layernorm
 from .eager import eager_add_noise_layernorm, make_eager
 from .timing import Timing, measure_interleaved
 
-__all__ = ["BenchOptions", "run", "environment", "format_table"]
+__all__ = ["BenchOptions", "run", "environment", "format_table", "op_competitors"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -136,7 +136,9 @@ def _row(kind: str, name: str, config: dict, timings: Dict[str, Timing], baselin
     return {"benchmark": kind, "name": name, **config, "competitors": comps, **env}
 
 
-def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env) -> dict:
+def op_competitors(opts: BenchOptions, device, dtype, kind: str, axis: str, mode: str):
+    """The op benchmark's competitors as zero-argument callables (``eager``, ``noisynn``, ``layernorm``)
+    over one set of inputs, and the row's configuration fields."""
     B, N, D = opts.op_shape
     prefix = 1
     gh = int((N - prefix) ** 0.5)
@@ -180,10 +182,15 @@ def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env) -> dict:
                 t.grad = None
         return run_bwd
 
-    timings = measure_interleaved({"eager": call(eager), "noisynn": call(ours), "layernorm": call(layernorm)},
-                                  warmup=opts.warmup, iters=opts.iters, device=device)
+    fns = {"eager": call(eager), "noisynn": call(ours), "layernorm": call(layernorm)}
     cfg = {"op": "add+noise+layernorm", "kind": kind, "axis": axis, "mode": mode, "shape": [B, N, D],
            "dtype": str(dtype).replace("torch.", ""), "backend": backend, "prefix_tokens": prefix}
+    return fns, cfg
+
+
+def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env) -> dict:
+    fns, cfg = op_competitors(opts, device, dtype, kind, axis, mode)
+    timings = measure_interleaved(fns, warmup=opts.warmup, iters=opts.iters, device=device)
     return _row("op", f"{kind}/{axis}", cfg, timings, ["eager", "layernorm"], env)
 
 
