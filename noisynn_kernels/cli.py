@@ -99,6 +99,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     print(format_table(result))
     print(f"\nresults: {result['path']}")
+    from .bench.plots import write_plots
+
+    try:
+        paths = write_plots(result, args.out)
+    except ImportError:  # matplotlib comes with the [bench] extra
+        print("plots: skipped, matplotlib is not installed (pip install 'noisynn_kernels[bench]')")
+    else:
+        print("plots: " + ", ".join(paths))
     return 0
 
 

@@ -78,6 +78,8 @@ def test_cli_bench_runs_and_writes_results(tmp_path, capsys):
     for key in ("device", "torch", "triton", "timm", "commit", "shape", "dtype", "backend"):
         assert key in row
     assert set(row["competitors"]) == {"eager", "noisynn", "layernorm"}
+    for png in ("models.png", "ops.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert row["competitors"]["noisynn"]["speedup_vs"]["eager"] > 0
 
 
