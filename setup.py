@@ -35,7 +35,8 @@ def cpu_extension():
     cxx += ["-fopenmp"]  # the C++ standard is left to torch.utils.cpp_extension (it matches torch)
     return CppExtension(
         name="noisynn_kernels._C",
-        sources=[os.path.relpath(os.path.join(HERE, "csrc", "extension.cpp"), HERE)],
+        sources=[os.path.relpath(os.path.join(HERE, *parts), HERE)
+                 for parts in (("csrc", "extension.cpp"), ("csrc", "cpu", "mix_add_layernorm.cpp"))],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
     )

@@ -30,7 +30,9 @@ pybind11::dict build_info() {
 #else
   info["cuda"] = false;
 #endif
-  info["cpu_kernels"] = pybind11::list();
+  pybind11::list cpu_kernels;
+  cpu_kernels.append("mix_add_layernorm");
+  info["cpu_kernels"] = cpu_kernels;
   return info;
 }
 

@@ -97,15 +97,20 @@ def backend_status(name: str, device_type: str) -> Optional[str]:
         ext = extension()
         if ext is None:
             return f"the compiled extension is not importable ({extension_error()})"
-        return f"the compiled extension has no {name} kernels yet"
+        built = ext.build_info().get(f"{name}_kernels", [])
+        if "mix_add_layernorm" not in built:
+            how = ("it was built without CUDA (NOISYNN_BUILD_CUDA=0, or no nvcc / CUDA torch at build time)"
+                   if name == "cuda" else "it was built without them")
+            return f"the compiled extension has no {name} kernels: {how}"
+        return None
     raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
 def select_backend(device_type: str, requested: Optional[str] = None) -> str:
     """The backend that runs fused ops on ``device_type``: ``requested`` (argument, else the
     ``NOISYNN_BACKEND`` variable) if it can run there, else an error saying why; without a request,
-    ``triton`` on CUDA and ``reference`` elsewhere (the Triton interpreter is for tests, never chosen
-    automatically).  Never falls back silently: an unavailable request raises
+    on CUDA ``triton`` (else the compiled ``cuda`` kernels), on CPU the compiled ``cpu`` kernels, and
+    ``reference`` where none is built (the Triton interpreter is for tests, never chosen automatically).  Never falls back silently: an unavailable request raises
     :class:`~noisynn_kernels.BackendUnavailableError`."""
     name = requested.strip().lower() if isinstance(requested, str) else requested
     if name in (None, "", "auto"):
@@ -113,6 +118,10 @@ def select_backend(device_type: str, requested: Optional[str] = None) -> str:
     if name is None:
         if device_type == "cuda" and backend_status("triton", "cuda") is None:
             return "triton"
+        if device_type == "cuda" and backend_status("cuda", "cuda") is None:
+            return "cuda"
+        if device_type == "cpu" and backend_status("cpu", "cpu") is None:
+            return "cpu"
         return "reference"
     if name not in BACKENDS:
         raise BackendUnavailableError(f"backend {name!r} is not a backend; expected 'auto' or one of {BACKENDS}")

@@ -267,8 +267,8 @@ def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, 
         prefix_tokens: leading class / register tokens: added and normalized, never mixed.
         grid: ``(gh, gw)`` patch grid for ``axis='rows'`` (inferred when square).
         mix_after_norm: mix the LayerNorm output instead of the residual stream.
-        backend: ``reference`` (PyTorch ops), ``triton`` (fused kernels; CUDA), or ``None`` for the
-            device's default (:func:`noisynn_kernels.backend_info`).  An unavailable backend raises
+        backend: ``reference`` (PyTorch ops), ``triton`` (fused kernels; CUDA), ``cpu`` / ``cuda`` (the
+            compiled C++ / CUDA kernels), or ``None`` for the device's default (:func:`noisynn_kernels.backend_info`).  An unavailable backend raises
             :class:`~noisynn_kernels.BackendUnavailableError`.
     """
     name = select_backend(x.device.type if isinstance(x, torch.Tensor) else "cpu", backend)
@@ -277,6 +277,14 @@ def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, 
         from .ops.mix_add_layernorm import launch
 
         return launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+    if name == "cpu":
+        from .ops.cpu_mix_add_layernorm import launch as cpu_launch
+
+        return cpu_launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+    if name == "cuda":
+        from .ops.cuda_mix_add_layernorm import launch as cuda_launch
+
+        return cuda_launch(x, residual, weight, bias, eps, spec, mix_after_norm)
     cfg = spec.cfg
     M = quality.mixing_matrix("dense", spec.k, matrix=cfg.matrix) if cfg.kind == "dense" else None
 
