@@ -51,7 +51,14 @@ def _parser() -> argparse.ArgumentParser:
                         "pass none to skip model benchmarks")
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--img-size", type=int, default=224)
-    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default="float32")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default="float32",
+                   help="dtype of inputs and model weights")
+    b.add_argument("--amp", choices=["float16", "bfloat16"], default=None,
+                   help="run the models under torch.autocast with this dtype (weights stay in --dtype)")
+    b.add_argument("--channels-last", action="store_true", help="models and input in channels_last memory format")
+    b.add_argument("--compile", action="store_true",
+                   help="add the `compiled` competitor: torch.compile of the eager op and of the eager noisy model "
+                        "(compile time is excluded from the timings but adds minutes to the run)")
     b.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
     b.add_argument("--noise", type=_noise_arg, default=None,
                    help="model noise: KIND, KIND:AXIS, or FIELD=VALUE,... of NoiseConfig (default: optimal:tokens)")
@@ -60,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                         "see `noisynn info`)")
     b.add_argument("--no-ops", dest="ops", action="store_false", help="skip the op microbenchmarks")
     b.add_argument("--op-shape", type=int, nargs=3, default=(64, 197, 768), metavar=("B", "N", "D"))
+    b.add_argument("--op-sizes", type=int, nargs="*", default=[8, 16, 32, 64], metavar="B",
+                   help="batch sizes of the op size sweep (optimal/tokens forward at N, D of --op-shape); "
+                        "pass none to skip it")
     b.add_argument("--warmup", type=int, default=2)
     b.add_argument("--iters", type=int, default=10, help="timed rounds per op benchmark (models use half)")
     b.add_argument("--out", default="bench_out", help="directory for noisynn_bench.json")
@@ -87,10 +97,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"noisynn bench: unknown model(s) {unknown}; expected some of {sorted(NOISY_MODELS)}", file=sys.stderr)
         return 2
     if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
-        print("noisynn bench: --batch-size and --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
+        print(f"noisynn bench: --batch-size and --iters must be >= 1 and --warmup >= 0, got --batch-size "
+              f"{args.batch_size}, --iters {args.iters}, --warmup {args.warmup}", file=sys.stderr)
+        return 2
+    if min(list(args.op_shape) + list(args.op_sizes), default=1) < 1 or args.op_shape[1] < 2:
+        print(f"noisynn bench: --op-shape and --op-sizes must be positive with N >= 2, got --op-shape "
+              f"{list(args.op_shape)} --op-sizes {args.op_sizes}", file=sys.stderr)
         return 2
     opts = BenchOptions(models=models, batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype,
                         device=args.device, noise=args.noise, backend=args.backend, ops=args.ops, op_shape=tuple(args.op_shape),
+                        op_sizes=tuple(args.op_sizes), compile=args.compile, channels_last=args.channels_last,
+                        amp=args.amp,
                         warmup=args.warmup, iters=args.iters, out=args.out, quiet=args.quiet)
     try:
         result = run(opts)

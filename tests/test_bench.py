@@ -78,8 +78,10 @@ def test_cli_bench_runs_and_writes_results(tmp_path, capsys):
     for key in ("device", "torch", "triton", "timm", "commit", "shape", "dtype", "backend"):
         assert key in row
     assert set(row["competitors"]) == {"eager", "noisynn", "layernorm"}
-    for png in ("models.png", "ops.png"):
+    for png in ("models.png", "ops.png", "op_sizes.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweep = [r for r in res["rows"] if r["benchmark"] == "op_sweep"]
+    assert [r["shape"] for r in sweep] == [[8, 17, 16], [16, 17, 16], [32, 17, 16], [64, 17, 16]]
     assert row["competitors"]["noisynn"]["speedup_vs"]["eager"] > 0
 
 
@@ -107,3 +109,46 @@ def test_noisynn_backend_env_is_validated(monkeypatch):
     monkeypatch.setenv("NOISYNN_BACKEND", "nonsense")
     with pytest.raises(nk.BackendUnavailableError, match="nonsense"):
         nk.backend_info()
+
+
+def test_cli_bench_rejects_bad_sizes(capsys):
+    assert main(["bench", "--op-sizes", "0", "--quiet"]) == 2
+    assert "--op-sizes" in capsys.readouterr().err
+
+
+def test_op_bytes_counts_the_tensors_an_ideal_kernel_moves():
+    from noisynn_kernels.bench.runner import op_bytes
+
+    assert op_bytes((2, 3, 4), torch.float32, "forward") == 4 * 24 * 4
+    assert op_bytes((2, 3, 4), torch.bfloat16, "forward+backward") == 7 * 24 * 2
+
+
+def test_compiled_competitor_computes_the_eager_result():
+    from noisynn_kernels.bench.runner import BenchOptions, op_competitors
+
+    opts = BenchOptions(op_shape=(2, 17, 8), compile=True)
+    fns, cfg = op_competitors(opts, torch.device("cpu"), torch.float32, "shift", "rows", "forward")
+    assert set(fns) == {"eager", "noisynn", "layernorm", "compiled"}
+    # The callables return nothing (they are timed); run the compiled eager path directly to compare.
+    from noisynn_kernels.bench.eager import eager_add_noise_layernorm
+
+    torch._dynamo.reset()
+    x, r = torch.randn(2, 17, 8), torch.randn(2, 17, 8)
+    Q = nk.quality.mixing_matrix("shift", 4) - torch.eye(4, dtype=torch.float64)
+    args = (x, r, Q.float(), None, None, 1e-6, "rows", 1, (4, 4))
+    torch.testing.assert_close(torch.compile(eager_add_noise_layernorm)(*args)[0], eager_add_noise_layernorm(*args)[0])
+
+
+def test_plots_and_table_show_gpu_bandwidth(tmp_path):
+    from noisynn_kernels.bench.plots import write_plots
+    from noisynn_kernels.bench.runner import format_table
+
+    comp = {"median_ms": 0.1, "spread": 0.01, "repeats": 3, "speedup_vs": {}, "gb_per_s": 2000.0,
+            "pct_of_copy_bandwidth": 71.4}
+    row = {"benchmark": "op", "name": "optimal/tokens", "mode": "forward", "shape": [64, 197, 768],
+           "dtype": "bfloat16", "competitors": {"eager": dict(comp), "noisynn": dict(comp)}}
+    result = {"environment": {"device": "GPU", "torch": "x", "commit": "c", "copy_bandwidth_gbps": 2800.0},
+              "rows": [row]}
+    assert "71%" in format_table(result) and "2000" in format_table(result)
+    paths = write_plots(result, str(tmp_path))
+    assert str(tmp_path / "bandwidth.png") in paths

@@ -1,4 +1,5 @@
-"""PNG plots of a ``noisynn bench`` result: model throughput per competitor, op time per competitor."""
+"""PNG plots of a ``noisynn bench`` result: model throughput per competitor, op time per competitor, op
+time vs size, and on GPU the achieved fraction of the device's copy bandwidth."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import List
 
 __all__ = ["write_plots"]
 
-_COLORS = {"timm": "#7f7f7f", "eager": "#d62728", "noisynn": "#1f77b4", "layernorm": "#2ca02c"}
+_COLORS = {"timm": "#7f7f7f", "eager": "#d62728", "noisynn": "#1f77b4", "layernorm": "#2ca02c",
+           "compiled": "#ff7f0e"}
 
 
 def _grouped_bars(ax, groups: List[str], series: dict, ylabel: str) -> None:
@@ -24,8 +26,9 @@ def _grouped_bars(ax, groups: List[str], series: dict, ylabel: str) -> None:
 
 
 def write_plots(result: dict, out_dir: str) -> List[str]:
-    """Write ``models.png`` (throughput, higher is better) and ``ops.png`` (median time, lower is better)
-    for the rows present; returns the paths written."""
+    """Write ``models.png`` (throughput, higher is better), ``ops.png`` (median time, lower is better),
+    ``op_sizes.png`` (op time vs size) and, for GPU runs, ``bandwidth.png`` (% of copy bandwidth) for
+    the rows present; returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +51,42 @@ def write_plots(result: dict, out_dir: str) -> List[str]:
         ax.set_title(f"{title} ({rows[0]['dtype']})\n{subtitle}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    sweep = sorted((r for r in result["rows"] if r["benchmark"] == "op_sweep"),
+                   key=lambda r: r["shape"][0] * r["shape"][1] * r["shape"][2])
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        sizes = [r["shape"][0] * r["shape"][1] * r["shape"][2] for r in sweep]
+        for comp in sweep[0]["competitors"]:
+            ax.plot(sizes, [r["competitors"][comp]["median_ms"] for r in sweep], "o-", label=comp,
+                    color=_COLORS.get(comp))
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("elements B*N*D (B = " + ", ".join(str(r["shape"][0]) for r in sweep) + ")")
+        ax.set_ylabel("median ms (lower is better)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        ax.set_title(f"{sweep[0]['name']} {sweep[0]['mode']} vs size ({sweep[0]['dtype']})\n{subtitle}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "op_sizes.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    bw_rows = [r for r in result["rows"] if r["benchmark"] == "op"
+               and "pct_of_copy_bandwidth" in r["competitors"].get("noisynn", {})]
+    if bw_rows:
+        comps = [c for c in bw_rows[0]["competitors"] if "pct_of_copy_bandwidth" in bw_rows[0]["competitors"][c]]
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(bw_rows) + 2), 4.5))
+        _grouped_bars(ax, [f"{r['name']}\n{r['mode']}" for r in bw_rows],
+                      {c: [r["competitors"][c]["pct_of_copy_bandwidth"] for r in bw_rows] for c in comps},
+                      "% of measured copy bandwidth")
+        ax.axhline(80, color="k", lw=0.8, ls="--")
+        ax.set_title(f"add + noise + LayerNorm bandwidth, copy roof {env.get('copy_bandwidth_gbps', 0):.0f} GB/s "
+                     f"({bw_rows[0]['dtype']})\n{subtitle}", fontsize=9)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "bandwidth.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)

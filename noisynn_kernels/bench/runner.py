@@ -4,12 +4,17 @@ Competitors:
 
 - ops (residual add + noise + LayerNorm at a ViT noise site): ``eager`` (public NoisyViT code: split
   the class token, permute, dense ``k x k`` product, add, transpose, concatenate, LayerNorm),
-  ``noisynn`` (this package) and ``layernorm`` (``F.layer_norm(x + residual)`` with no noise: the floor);
+  ``noisynn`` (this package), ``layernorm`` (``F.layer_norm(x + residual)`` with no noise: the floor)
+  and, with ``compile``, ``compiled`` (``torch.compile`` of the eager path);
+- op sweep: the same op over growing batch sizes (time vs size);
 - models: ``timm`` (the plain model, no noise), ``eager`` (the noisy model with the public-code
-  noise) and ``noisynn`` (the noisy model as this package builds it), all with the same weights.
+  noise), ``noisynn`` (the noisy model as this package builds it, fused ops swapped in for ViTs) and,
+  with ``compile``, ``compiled`` (``torch.compile`` of the eager noisy model), all with the same weights.
 
 Every row of the JSON result records the environment (device, versions, commit) and, per competitor,
-median time, spread and speed-up ratios taken round by round against the baselines.
+median time, spread and speed-up ratios taken round by round against the baselines.  On CUDA, op rows
+also carry the achieved bandwidth (GB/s, counting the bytes an ideal fused kernel must move) and its
+fraction of the device's copy bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from ..functional import mix_add_layernorm
 from .eager import eager_add_noise_layernorm, make_eager
 from .timing import Timing, measure_interleaved
 
-__all__ = ["BenchOptions", "run", "environment", "format_table", "op_competitors"]
+__all__ = ["BenchOptions", "run", "environment", "format_table", "op_competitors", "op_bytes",
+           "copy_bandwidth_gbps"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -53,7 +59,11 @@ class BenchOptions:
     op_kinds: tuple = ("optimal", "shift")
     op_axes: tuple = ("tokens", "rows")
     modes: tuple = ("forward", "forward+backward")
+    op_sizes: tuple = (8, 16, 32, 64)
     backend: Optional[str] = None
+    compile: bool = False
+    channels_last: bool = False
+    amp: Optional[str] = None
     warmup: int = 2
     iters: int = 10
     out: str = "bench_out"
@@ -136,10 +146,40 @@ def _row(kind: str, name: str, config: dict, timings: Dict[str, Timing], baselin
     return {"benchmark": kind, "name": name, **config, "competitors": comps, **env}
 
 
-def op_competitors(opts: BenchOptions, device, dtype, kind: str, axis: str, mode: str):
-    """The op benchmark's competitors as zero-argument callables (``eager``, ``noisynn``, ``layernorm``)
-    over one set of inputs, and the row's configuration fields."""
-    B, N, D = opts.op_shape
+def op_bytes(shape, dtype, mode: str) -> int:
+    """Bytes an ideal fused add + mix + LayerNorm must move: forward reads ``x`` and ``residual`` and
+    writes ``normed`` and ``residual_out`` (4 tensors); forward+backward adds reading ``d_normed`` and
+    the saved ``residual_out`` and writing ``dx`` (7 tensors).  Parameters and statistics are negligible."""
+    B, N, D = shape
+    tensors = 4 if mode == "forward" else 7
+    return tensors * B * N * D * torch.empty((), dtype=dtype).element_size()
+
+
+def copy_bandwidth_gbps(device, nbytes: int = 1 << 29, iters: int = 20) -> float:
+    """The device's achievable memory bandwidth, measured as a device-to-device copy of ``nbytes``
+    (read + write counted): the roof that a memory-bound kernel's GB/s is compared with."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * nbytes / times[len(times) // 2] / 1e9
+
+
+def op_competitors(opts: BenchOptions, device, dtype, kind: str, axis: str, mode: str, shape=None):
+    """The op benchmark's competitors as zero-argument callables (``eager``, ``noisynn``, ``layernorm``,
+    and ``compiled`` when ``opts.compile``) over one set of inputs of ``shape`` (default
+    ``opts.op_shape``), and the row's configuration fields."""
+    B, N, D = opts.op_shape if shape is None else shape
     prefix = 1
     gh = int((N - prefix) ** 0.5)
     grid = (gh, (N - prefix) // gh)
@@ -183,15 +223,34 @@ def op_competitors(opts: BenchOptions, device, dtype, kind: str, axis: str, mode
         return run_bwd
 
     fns = {"eager": call(eager), "noisynn": call(ours), "layernorm": call(layernorm)}
+    if opts.compile:
+        torch._dynamo.reset()  # one compiled graph per benchmark; no recompile limit across benchmarks
+        eager_compiled = torch.compile(eager_add_noise_layernorm, dynamic=False)
+
+        def compiled():
+            return eager_compiled(x, res, Q, w, b, 1e-6, axis, prefix, grid)[0]
+
+        fns["compiled"] = call(compiled)
+        fns["compiled"]()  # compile now, outside the timed rounds
     cfg = {"op": "add+noise+layernorm", "kind": kind, "axis": axis, "mode": mode, "shape": [B, N, D],
            "dtype": str(dtype).replace("torch.", ""), "backend": backend, "prefix_tokens": prefix}
     return fns, cfg
 
 
-def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env) -> dict:
-    fns, cfg = op_competitors(opts, device, dtype, kind, axis, mode)
+def _op_bench(opts: BenchOptions, device, dtype, kind, axis, mode, env, shape=None, bench="op") -> dict:
+    fns, cfg = op_competitors(opts, device, dtype, kind, axis, mode, shape)
     timings = measure_interleaved(fns, warmup=opts.warmup, iters=opts.iters, device=device)
-    return _row("op", f"{kind}/{axis}", cfg, timings, ["eager", "layernorm"], env)
+    baselines = ["eager", "layernorm"] + (["compiled"] if "compiled" in fns else [])
+    row = _row(bench, f"{kind}/{axis}", cfg, timings, baselines, env)
+    if device.type == "cuda":
+        nbytes = op_bytes(cfg["shape"], dtype, mode)
+        row["bytes_moved_ideal"] = nbytes
+        for comp, t in timings.items():
+            gbps = nbytes / t.median / 1e9
+            row["competitors"][comp]["gb_per_s"] = gbps
+            if env.get("copy_bandwidth_gbps"):
+                row["competitors"][comp]["pct_of_copy_bandwidth"] = 100 * gbps / env["copy_bandwidth_gbps"]
+    return row
 
 
 def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
@@ -212,37 +271,56 @@ def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
 
         swap_fused_ops(ours, backend=backend)
     eager = make_eager(timm.create_model(name, noise=noise, **kw))
-    for m in (ours, eager):
-        m.load_state_dict(plain.state_dict(), strict=True)
     models = {"timm": plain, "eager": eager, "noisynn": ours}
+    if opts.compile:
+        models["compiled"] = make_eager(timm.create_model(name, noise=noise, **kw))
+    for comp, m in models.items():
+        if comp != "timm":
+            m.load_state_dict(plain.state_dict(), strict=True)
     B = opts.batch_size
     g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(B, 3, opts.img_size, opts.img_size, generator=g).to(device, dtype)
+    fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+    x = torch.randn(B, 3, opts.img_size, opts.img_size, generator=g).to(device, dtype).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (B,), generator=g).to(device)
+    amp = _DTYPES[opts.amp] if opts.amp else None
+    if opts.compile:
+        torch._dynamo.reset()
     fns = {}
     for comp, m in models.items():
-        m.to(device=device, dtype=dtype)
+        m.to(device=device, dtype=dtype, memory_format=fmt)
+        fwd = torch.compile(m) if comp == "compiled" else m
+
+        def forward(fwd=fwd):
+            if amp is None:
+                return fwd(x)
+            with torch.autocast(device.type, dtype=amp):
+                return fwd(x)
+
         if mode == "inference":
             m.eval()
 
-            def fn(m=m):
+            def fn(forward=forward):
                 with torch.no_grad():
-                    m(x)
+                    forward()
         else:
             m.train()
             opt = torch.optim.SGD(m.parameters(), lr=1e-4)
 
-            def fn(m=m, opt=opt):
+            def fn(forward=forward, opt=opt):
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(m(x), y).backward()
+                F.cross_entropy(forward().float(), y).backward()
                 opt.step()
+        if comp == "compiled":
+            fn()  # compile now, outside the timed rounds
         fns[comp] = fn
     timings = measure_interleaved(fns, warmup=max(1, opts.warmup // 2), iters=max(3, opts.iters // 2),
                                   device=device)
     cfg = {"model": name, "mode": mode, "batch_size": B, "img_size": opts.img_size,
-           "dtype": str(dtype).replace("torch.", ""), "backend": backend if "vit" in name else "reference",
+           "dtype": str(dtype).replace("torch.", ""), "amp": opts.amp, "channels_last": opts.channels_last,
+           "backend": backend if "vit" in name else "reference",
            "noise": {k: v for k, v in noise.to_dict().items() if v is not None}}
-    return _row("model", f"{name}/{mode}", cfg, timings, ["eager", "timm"], env, items_per_call=B)
+    baselines = ["eager", "timm"] + (["compiled"] if opts.compile else [])
+    return _row("model", f"{name}/{mode}", cfg, timings, baselines, env, items_per_call=B)
 
 
 def run(opts: BenchOptions) -> dict:
@@ -250,9 +328,13 @@ def run(opts: BenchOptions) -> dict:
     device = _device(opts.device)
     dtype = _DTYPES[opts.dtype]
     env = environment(device)
+    if device.type == "cuda":
+        env["copy_bandwidth_gbps"] = copy_bandwidth_gbps(device)
     tasks: List[tuple] = []
     if opts.ops:
         tasks += [("op", k, a, m) for m in opts.modes for k in opts.op_kinds for a in opts.op_axes]
+        _, N, D = opts.op_shape
+        tasks += [("op_sweep", (b, N, D)) for b in opts.op_sizes]
     tasks += [("model", name, mode) for name in opts.models for mode in ("inference", "train")]
     progress = _Progress(len(tasks), opts.quiet)
     if not opts.quiet:
@@ -263,6 +345,10 @@ def run(opts: BenchOptions) -> dict:
         if t[0] == "op":
             rows.append(_op_bench(opts, device, dtype, t[1], t[2], t[3], env))
             progress.step(f"op {t[1]}/{t[2]} {t[3]}")
+        elif t[0] == "op_sweep":
+            rows.append(_op_bench(opts, device, dtype, "optimal", "tokens", "forward", env, shape=t[1],
+                                  bench="op_sweep"))
+            progress.step(f"op sweep optimal/tokens forward, shape {t[1]}")
         else:
             rows.append(_model_bench(opts, device, dtype, t[1], t[2], env))
             progress.step(f"model {t[1]} {t[2]}")
@@ -279,13 +365,18 @@ def run(opts: BenchOptions) -> dict:
 def format_table(result: dict) -> str:
     """The result as a plain-text table: one line per benchmark and competitor."""
     lines = []
-    hdr = f"{'benchmark':<44} {'competitor':<10} {'median ms':>10} {'spread':>7} {'items/s':>9}  speed-up"
+    hdr = (f"{'benchmark':<44} {'competitor':<10} {'median ms':>10} {'spread':>7} {'items/s':>9} "
+           f"{'GB/s':>7} {'%copy':>6}  speed-up")
     lines += [hdr, "-" * len(hdr)]
     for row in result["rows"]:
         label = row["name"] + ("" if row["benchmark"] == "model" else f" {row['mode']}")
+        if row["benchmark"] == "op_sweep":
+            label += " " + "x".join(map(str, row["shape"]))
         for comp, c in row["competitors"].items():
             ips = f"{c['throughput_per_s']:9.1f}" if "throughput_per_s" in c else " " * 9
+            bw = f"{c['gb_per_s']:7.0f}" if "gb_per_s" in c else " " * 7
+            pct = f"{c['pct_of_copy_bandwidth']:5.0f}%" if "pct_of_copy_bandwidth" in c else " " * 6
             sp = ", ".join(f"{v:.2f}x vs {k}" for k, v in c["speedup_vs"].items())
-            lines.append(f"{label:<44} {comp:<10} {c['median_ms']:10.2f} {c['spread']:6.1%} {ips}  {sp}")
+            lines.append(f"{label:<44} {comp:<10} {c['median_ms']:10.2f} {c['spread']:6.1%} {ips} {bw} {pct}  {sp}")
             label = ""
     return "\n".join(lines)

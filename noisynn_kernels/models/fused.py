@@ -20,6 +20,7 @@ from __future__ import annotations
 import types
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -78,6 +79,9 @@ def _fused_blocks_forward(blocks: nn.Sequential, x):
                                                 prefix_tokens=prefix, grid=grid, mix_after_norm=after,
                                                 backend=backend)
             else:
+                if pending.dtype != res.dtype:  # autocast: a low-precision branch output joins the fp32 stream
+                    dt = torch.promote_types(pending.dtype, res.dtype)
+                    pending, res = pending.to(dt), res.to(dt)
                 normed, res = mix_add_layernorm(pending, res, norm.weight, norm.bias, norm.eps, mix=mix,
                                                 prefix_tokens=prefix, grid=grid, mix_after_norm=after,
                                                 backend=backend)
