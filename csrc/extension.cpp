@@ -2,10 +2,14 @@
 //
 // Fused CPU and CUDA kernels register here as noisynn:: ops; the pybind11 module carries what is not
 // an op: the build's own description, so backend_info() can say exactly what was compiled.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>  // only build_info is bound here: the kernels register as torch ops
 #include <torch/version.h>
 
 #include <string>
+
+#if defined(WITH_CUDA)
+#include "cuda/build_info.h"
+#endif
 
 namespace noisynn {
 
@@ -25,14 +29,23 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
-#if defined(WITH_CUDA)
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
   pybind11::list cpu_kernels;
   cpu_kernels.append("mix_add_layernorm");
   info["cpu_kernels"] = cpu_kernels;
+  // cuda: whether CUDA kernels were compiled in; cuda_arch_list / cuda_version: the GPU architectures
+  // (TORCH_CUDA_ARCH_LIST syntax) and the toolkit they were compiled for / with (None without CUDA)
+  pybind11::list cuda_kernels;
+#if defined(WITH_CUDA)
+  info["cuda"] = true;
+  cuda_kernels.append("mix_add_layernorm");
+  info["cuda_arch_list"] = cuda::compiled_arch_list();
+  info["cuda_version"] = cuda::compiled_cuda_version();
+#else
+  info["cuda"] = false;
+  info["cuda_arch_list"] = pybind11::none();
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["cuda_kernels"] = cuda_kernels;
   return info;
 }
 

@@ -1,0 +1,165 @@
+// noisynn::mix_add_layernorm_fwd_cuda / _bwd_cuda: the op functions (checks, dtype and layout
+// normalization, output allocation) and their registration; the kernels are in mix_add_layernorm.cu.
+//
+// Same schema, semantics and codes as noisynn::mix_add_layernorm_fwd_cpu / _bwd_cpu
+// (csrc/cpu/mix_add_layernorm.cpp).  Fake (meta) implementations and autograd live in Python, in
+// noisynn_kernels/ops/cuda_mix_add_layernorm.py.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "mix_add_layernorm.h"
+
+namespace noisynn {
+namespace {
+
+using at::Tensor;
+using cuda::AXIS_BATCH;
+using cuda::AXIS_ROWS;
+using cuda::AXIS_TOKENS;
+using cuda::KIND_DENSE;
+using cuda::KIND_IDENTITY;
+
+void check_common(const char* op, const Tensor& t, int64_t kind, int64_t axis, int64_t prefix_tokens, int64_t grid_w) {
+  TORCH_CHECK(t.dim() == 3, op, ": expected (B, N, D) tokens, got shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cuda(), op, ": expected CUDA tensors, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              op, ": expected float32, bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK(kind >= KIND_IDENTITY && kind <= KIND_DENSE, op, ": kind code must be 0..3, got ", kind);
+  TORCH_CHECK(axis >= AXIS_TOKENS && axis <= AXIS_BATCH, op, ": axis code must be 0..2, got ", axis);
+  const int64_t N = t.size(1);
+  TORCH_CHECK(prefix_tokens >= 0 && prefix_tokens < N, op, ": prefix_tokens must be in [0, N = ", N, "), got ",
+              prefix_tokens);
+  TORCH_CHECK(grid_w >= 1, op, ": grid_w must be >= 1, got ", grid_w);
+  if (axis == AXIS_ROWS && kind != KIND_IDENTITY) {
+    TORCH_CHECK((N - prefix_tokens) % grid_w == 0, op, ": grid_w = ", grid_w, " does not divide the ",
+                N - prefix_tokens, " patch tokens");
+  }
+}
+
+void check_same_device(const char* op, const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
+}
+
+int64_t mixed_k(int64_t B, int64_t N, int64_t prefix_tokens, int64_t axis, int64_t grid_w) {
+  const int64_t n = N - prefix_tokens;
+  return axis == AXIS_TOKENS ? n : axis == AXIS_ROWS ? n / grid_w : B;
+}
+
+// The K x K fp32 mixing matrix on `device` (dense only; else undefined).
+Tensor dense_matrix(const char* op, const std::optional<Tensor>& mix_matrix, int64_t kind, int64_t K,
+                    const at::Device& device) {
+  if (kind != KIND_DENSE) return Tensor();
+  TORCH_CHECK(mix_matrix.has_value() && mix_matrix->defined(), op, ": kind dense needs mix_matrix");
+  TORCH_CHECK(mix_matrix->dim() == 2 && mix_matrix->size(0) == K && mix_matrix->size(1) == K, op,
+              ": mix_matrix must be (", K, ", ", K, "), got ", mix_matrix->sizes());
+  return mix_matrix->to(device, at::kFloat).contiguous();
+}
+
+// LayerNorm affine parameter as a contiguous fp32 (D,) tensor on `device` (undefined when absent).
+Tensor param_f32(const std::optional<Tensor>& t, int64_t D, const char* op, const char* name,
+                 const at::Device& device) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == D, op, ": ", name, " must have shape (", D, "), got ", t->sizes());
+  return t->to(device, at::kFloat).contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
+    const Tensor& x_in, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, double eps, int64_t kind, int64_t axis, double alpha,
+    const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w, bool mix_after_norm,
+    bool straight_through) {
+  (void)straight_through;  // only changes the backward (handled by the autograd formula)
+  constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cuda";
+  check_common(op, x_in, kind, axis, prefix_tokens, grid_w);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
+  const Tensor x = x_in.contiguous();
+  Tensor res;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == x_in.sizes(), op, ": residual has shape ", residual->sizes(), ", expected ",
+                x_in.sizes());
+    check_same_device(op, *residual, "residual", x_in);
+    res = residual->to(x.scalar_type()).contiguous();
+  }
+  const Tensor w = param_f32(weight, D, op, "weight", x.device());
+  const Tensor b = param_f32(bias, D, op, "bias", x.device());
+  Tensor normed = at::empty({B, N, D}, x.options());
+  Tensor rout = at::empty({B, N, D}, x.options());
+  Tensor mean = at::empty({B * N}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({B * N}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {normed, rout, mean, rstd};
+  const int64_t K = mixed_k(B, N, prefix_tokens, axis, grid_w);
+  const cuda::MixSpec spec{B, N, D, prefix_tokens, grid_w, kind, axis, static_cast<float>(alpha),
+                           dense_matrix(op, mix_matrix, kind, K, x.device())};
+  cuda::launch_fwd(x, res, w, b, static_cast<float>(eps), spec, mix_after_norm, normed, rout, mean, rstd);
+  return {normed, rout, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cuda(
+    const Tensor& d_normed, const std::optional<Tensor>& d_residual_out, const Tensor& residual_out,
+    const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd, int64_t kind, int64_t axis,
+    double alpha, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
+    bool mix_after_norm) {
+  constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cuda";
+  check_common(op, residual_out, kind, axis, prefix_tokens, grid_w);
+  const c10::cuda::CUDAGuard guard(residual_out.device());
+  const int64_t B = residual_out.size(0), N = residual_out.size(1), D = residual_out.size(2);
+  const auto dtype = residual_out.scalar_type();
+  TORCH_CHECK(d_normed.sizes() == residual_out.sizes(), op, ": d_normed has shape ", d_normed.sizes(), ", expected ",
+              residual_out.sizes());
+  TORCH_CHECK(mean.numel() == B * N && rstd.numel() == B * N, op, ": mean / rstd must have B * N = ", B * N,
+              " elements");
+  check_same_device(op, d_normed, "d_normed", residual_out);
+  check_same_device(op, mean, "mean", residual_out);
+  check_same_device(op, rstd, "rstd", residual_out);
+  const Tensor r = residual_out.contiguous();
+  const Tensor dy = d_normed.to(dtype).contiguous();
+  Tensor dres;
+  if (d_residual_out.has_value() && d_residual_out->defined()) {
+    TORCH_CHECK(d_residual_out->sizes() == residual_out.sizes(), op, ": d_residual_out has shape ",
+                d_residual_out->sizes(), ", expected ", residual_out.sizes());
+    check_same_device(op, *d_residual_out, "d_residual_out", residual_out);
+    dres = d_residual_out->to(dtype).contiguous();
+  }
+  const Tensor w = param_f32(weight, D, op, "weight", r.device());
+  const Tensor mu = mean.to(at::kFloat).contiguous();
+  const Tensor rs = rstd.to(at::kFloat).contiguous();
+  Tensor dx = at::empty({B, N, D}, residual_out.options());
+  const auto f32 = residual_out.options().dtype(at::kFloat);
+  if (residual_out.numel() == 0) return {dx, at::zeros({D}, f32), at::zeros({D}, f32)};
+  Tensor dw = at::empty({D}, f32);  // every element written by the kernels
+  Tensor db = at::empty({D}, f32);
+  const int64_t K = mixed_k(B, N, prefix_tokens, axis, grid_w);
+  const cuda::MixSpec spec{B, N, D, prefix_tokens, grid_w, kind, axis, static_cast<float>(alpha),
+                           dense_matrix(op, mix_matrix, kind, K, r.device())};
+  cuda::launch_bwd(dy, dres, r, w, mu, rs, spec, mix_after_norm, dx, dw, db);
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(noisynn, m) {
+  // Fake (meta) implementations and autograd live in Python, in this module.
+  m.set_python_module("noisynn_kernels.ops.cuda_mix_add_layernorm");
+  m.def(
+      "mix_add_layernorm_fwd_cuda(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, int kind, "
+      "int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, int grid_w, bool mix_after_norm, "
+      "bool straight_through) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "mix_add_layernorm_bwd_cuda(Tensor d_normed, Tensor? d_residual_out, Tensor residual_out, Tensor? weight, "
+      "Tensor mean, Tensor rstd, int kind, int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, "
+      "int grid_w, bool mix_after_norm) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(noisynn, CUDA, m) {
+  m.impl("mix_add_layernorm_fwd_cuda", &mix_add_layernorm_fwd_cuda);
+  m.impl("mix_add_layernorm_bwd_cuda", &mix_add_layernorm_bwd_cuda);
+}
+
+}  // namespace noisynn
