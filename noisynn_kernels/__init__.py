@@ -12,7 +12,8 @@ from ._ext import backend_info
 from .config import KINDS, POSITIONS, NoiseConfig
 from .errors import (BackendUnavailableError, BatchDependenceError, ConfigError, NoisyNNError, QualityMatrixError,
                      ShapeError, UnsupportedModelError)
-from .functional import AXES, gaussian_noise, linear_transform_noise, mix_add_layernorm, salt_and_pepper_noise
+from .functional import (AXES, gaussian_noise, linear_transform_noise, mix_add_layernorm, noisy_attention,
+                         salt_and_pepper_noise)
 from .nn import NoiseInjection
 from .models import NOISY_MODELS, apply_noisynn, noise_config, remove_noisynn
 from .models.fused import is_swapped, swap_fused_ops, unswap_fused_ops
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "quality", "reference", "backend_info",
     "NoiseConfig", "KINDS", "AXES", "POSITIONS",
-    "linear_transform_noise", "gaussian_noise", "salt_and_pepper_noise", "mix_add_layernorm",
+    "linear_transform_noise", "gaussian_noise", "salt_and_pepper_noise", "mix_add_layernorm", "noisy_attention",
     "NoiseInjection", "apply_noisynn", "remove_noisynn", "noise_config", "NOISY_MODELS",
     "swap_fused_ops", "unswap_fused_ops", "is_swapped",
     "NoisyNNError", "QualityMatrixError", "ShapeError", "ConfigError", "BatchDependenceError",

@@ -19,7 +19,7 @@ RANDOM_KINDS = ("gaussian", "salt_and_pepper")
 KINDS = quality.LINEAR_KINDS + RANDOM_KINDS
 
 #: Where in a model the noise is injected.
-POSITIONS = ("block_input", "attn_input", "image")
+POSITIONS = ("block_input", "attn_input", "attn_output", "image")
 
 _AXES = ("batch", "tokens", "rows")
 
@@ -59,8 +59,10 @@ class NoiseConfig:
             detached batch minimum/maximum; give the pixel range for ``position='image'``).
         layer: index of the block the noise sits in; negative counts from the end (``-1``: last).
         position: ``block_input`` (the residual stream entering block ``layer``), ``attn_input``
-            (the LayerNorm-1 output inside block ``layer``, as the official ViT code) or ``image``
-            (the model input).
+            (the LayerNorm-1 output inside block ``layer``, as the official ViT code), ``attn_output``
+            (the attention output ``softmax(q k^T) v`` of block ``layer``, heads merged, before the
+            output projection: ``M`` mixes query tokens; fused into the attention kernel by
+            :func:`~noisynn_kernels.swap_fused_ops`) or ``image`` (the model input).
         train, eval: apply the noise in training mode / in eval mode.
         straight_through: forward ``M x``, gradient the identity (linear kinds).
         allow_batch_dependence: explicit opt-in to ``axis='batch'`` with ``eval=True``.

@@ -6,7 +6,9 @@ computation is the reference implementation in :mod:`noisynn_kernels.reference`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AXES",
     "mix_add_layernorm",
+    "noisy_attention",
     "check_mix_add_layernorm",
     "MixSpec",
     "linear_transform_noise",
@@ -71,7 +74,10 @@ def resolve_grid(n_patches: int, grid: Optional[Sequence[int]]) -> Tuple[int, in
                              f"{n_patches} is not a square, so the grid cannot be inferred")
         return side, side
     try:
-        gh, gw = (int(g) for g in grid)
+        # operator.index: ints (also NumPy ints, integer 0-d tensors), never a float silently truncated.
+        if isinstance(grid, (str, bytes)) or any(isinstance(g, bool) for g in grid):
+            raise TypeError
+        gh, gw = (operator.index(g) for g in grid)
     except (TypeError, ValueError):
         raise ConfigError(f"grid must be a pair (gh, gw) of ints, got {grid!r}") from None
     if gh < 1 or gw < 1 or gh * gw != n_patches:
@@ -124,6 +130,9 @@ def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str 
     prefix_tokens = check_prefix(x, prefix_tokens)
     if kind not in quality.LINEAR_KINDS:
         raise ConfigError(f"kind must be one of {quality.LINEAR_KINDS} for linear transform noise, got {kind!r}")
+    for flag, value in (("straight_through", straight_through), ("check", check)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag} must be a bool, got {value!r}")
     k, grid = _mix_geometry(x, axis, prefix_tokens, grid)
     M = None
     if kind == "dense":
@@ -136,8 +145,9 @@ def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str 
         alpha = quality._check_alpha(alpha)
         if check:
             quality.check_structured(kind, k, alpha)
-    return reference.linear_transform_noise(x, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens,
-                                            grid=grid, straight_through=straight_through)
+    with _autocast_off(x):
+        return reference.linear_transform_noise(x, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens,
+                                                grid=grid, straight_through=straight_through)
 
 
 def _check_generator(x: torch.Tensor, generator) -> None:
@@ -149,7 +159,19 @@ def _check_generator(x: torch.Tensor, generator) -> None:
         raise ConfigError(f"generator is on {generator.device} but x is on {x.device}; expected the same device type")
 
 
+def _autocast_off(x: torch.Tensor):
+    """Autocast disabled on ``x``'s device: a noise returns ``x``'s dtype under autocast on every
+    backend (autocast would run the reference's dense ``M @ x`` in bf16/fp16 and return that dtype,
+    while the fused kernels compute in fp32 and keep the input's dtype)."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _finite(name, value, *, lo=-math.inf, hi=math.inf) -> float:
+    if isinstance(value, bool):  # float(True) == 1.0 would pass silently
+        raise ConfigError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -296,8 +318,151 @@ def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, 
                                                 straight_through=cfg.straight_through)
 
     D = x.shape[-1]
-    s = x if residual is None else x + residual
-    if mix_after_norm:
-        return apply_mix(F.layer_norm(s, (D,), weight, bias, eps)), s
-    r = apply_mix(s)
-    return F.layer_norm(r, (D,), weight, bias, eps), r
+
+    def norm(t):
+        # Outputs keep x's dtype whatever the dtypes of weight / bias, as on the fused backends
+        # (F.layer_norm would reject e.g. fp32 x with a bf16 weight): normalize in the promoted dtype.
+        dt = t.dtype
+        for p in (weight, bias):
+            if p is not None:
+                dt = torch.promote_types(dt, p.dtype)
+        if dt == t.dtype and all(p is None or p.dtype == dt for p in (weight, bias)):
+            return F.layer_norm(t, (D,), weight, bias, eps)
+        return F.layer_norm(t.to(dt), (D,), None if weight is None else weight.to(dt),
+                            None if bias is None else bias.to(dt), eps).to(t.dtype)
+
+    with _autocast_off(x):
+        s = x if residual is None else x + residual
+        if mix_after_norm:
+            return apply_mix(norm(s)), s
+        r = apply_mix(s)
+        return norm(r), r
+
+
+def check_noisy_attention(q, k, v, mix, scale, prefix_tokens, grid) -> Tuple[MixSpec, float]:
+    """The backend-independent checks of :func:`noisy_attention`, done once per call: returns the
+    validated mix and the softmax scale (``Dh ** -0.5`` when ``scale`` is ``None``)."""
+    from .config import NoiseConfig
+
+    for t, tname in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor):
+            raise ShapeError(f"{tname} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(f"{tname} must be (B, H, N, Dh) (batch, heads, tokens, head dim), got shape "
+                             f"{tuple(t.shape)} (rank {t.dim()})")
+        if not t.is_floating_point():
+            raise ShapeError(f"{tname} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.numel() == 0:
+            raise ShapeError(f"{tname} is empty (shape {tuple(t.shape)}); expected every dimension >= 1")
+    for t, tname in ((k, "k"), (v, "v")):
+        if tuple(t.shape) != tuple(q.shape):
+            raise ShapeError(f"{tname} has shape {tuple(t.shape)}, expected q's shape {tuple(q.shape)} "
+                             "(self-attention: q, k and v are (B, H, N, Dh) alike)")
+        if t.dtype != q.dtype:
+            raise ShapeError(f"{tname} has dtype {t.dtype}, expected q's dtype {q.dtype}")
+        if t.device != q.device:
+            raise ShapeError(f"{tname} is on {t.device} but q is on {q.device}; expected the same device")
+    B, H, N, Dh = q.shape
+    if scale is None:
+        scale = Dh ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ConfigError(f"scale must be a finite number or None (for Dh ** -0.5), got {scale!r}")
+    if isinstance(prefix_tokens, bool) or not isinstance(prefix_tokens, int) or prefix_tokens < 0:
+        raise ConfigError(f"prefix_tokens must be an int >= 0, got {prefix_tokens!r}")
+    if prefix_tokens >= N:
+        raise ShapeError(f"prefix_tokens = {prefix_tokens} leaves no patch tokens in q of shape {tuple(q.shape)}; "
+                         f"expected prefix_tokens < N = {N}")
+    cfg = NoiseConfig.coerce(mix)
+    if cfg is None:
+        cfg = NoiseConfig(kind="identity")
+    if not cfg.is_linear:
+        raise ConfigError(f"mix must be linear transform noise (kind in {quality.LINEAR_KINDS}) or None, "
+                          f"got kind={cfg.kind!r}")
+    n_patches = N - prefix_tokens
+    rows_grid = None
+    if cfg.axis == "rows":
+        rows_grid = resolve_grid(n_patches, grid)
+        k_mix = rows_grid[0]
+    elif cfg.axis == "tokens":
+        k_mix = n_patches
+    else:
+        k_mix = B
+    if cfg.kind == "dense" and tuple(cfg.matrix.shape) != (k_mix, k_mix):
+        raise ShapeError(f"dense quality matrix has shape {tuple(cfg.matrix.shape)}, expected ({k_mix}, {k_mix}): "
+                         f"axis={cfg.axis!r} mixes k = {k_mix} query rows of q of shape {tuple(q.shape)} "
+                         f"(prefix_tokens = {prefix_tokens})")
+    if cfg.kind == "shift" and cfg.check_matrix:
+        quality.check_structured("shift", k_mix, cfg.alpha)
+    return MixSpec(cfg, prefix_tokens, rows_grid, k_mix), float(scale)
+
+
+def _attention_backend(device_type: str, backend: Optional[str]) -> str:
+    """Like :func:`noisynn_kernels._ext.select_backend`, for an op with Triton and reference paths only:
+    the automatic choice is ``triton`` on CUDA (when Triton is there) and ``reference`` otherwise; an
+    explicit ``cpu`` / ``cuda`` request (argument or ``NOISYNN_BACKEND``) raises, there are no compiled
+    attention kernels."""
+    from ._ext import requested_backend
+    from .errors import BackendUnavailableError
+
+    explicit = isinstance(backend, str) and backend.strip().lower() not in ("", "auto")
+    explicit = explicit or requested_backend() is not None
+    name = select_backend(device_type, backend)
+    if name in ("cpu", "cuda"):
+        if explicit:
+            raise BackendUnavailableError(
+                f"backend {name!r} has no noisy_attention kernels (only mix_add_layernorm is compiled); "
+                "expected 'triton' (CUDA, or CPU under TRITON_INTERPRET=1), 'reference' or None")
+        name = "reference"
+    return name
+
+
+def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mix=None, scale: Optional[float] = None,
+                    prefix_tokens: int = 0, grid: Optional[Sequence[int]] = None,
+                    backend: Optional[str] = None) -> torch.Tensor:
+    """Attention with linear transform noise on its output: ``M softmax(q k^T * scale) v``.
+
+    ``M = I + Q`` mixes the query tokens of the ``(B, H, N, Dh)`` output: ``axis='tokens'`` the patch
+    tokens of each sample (the same ``M`` for every head), ``'rows'`` the rows of the patch grid,
+    ``'batch'`` the samples at each head and token.  The first ``prefix_tokens`` tokens are never
+    mixed.  As the output projection acts per token, mixing here equals mixing the attention
+    branch's output before the residual add.  ``mix=None`` is plain attention, equal to
+    ``F.scaled_dot_product_attention(q, k, v, scale=scale)``.
+
+    Args:
+        q, k, v: ``(B, H, N, Dh)`` tensors of one shape, dtype and device (any strides).
+        mix: a linear :class:`~noisynn_kernels.NoiseConfig` (``identity``, ``shift``, ``optimal``,
+            ``dense`` with its ``axis``, ``alpha``, ``matrix``, ``straight_through``), a dict of its
+            fields, a kind name, or ``None``.  Its ``train``/``eval`` switches are the caller's business.
+        scale: softmax scale; ``None`` for ``Dh ** -0.5``.
+        prefix_tokens: leading class / register tokens: attended to and from, never mixed.
+        grid: ``(gh, gw)`` patch grid for ``axis='rows'`` (inferred when the patch count is square).
+        backend: ``triton`` (flash-attention kernels with the mix pass; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``; ``Dh <= 128``), ``reference`` (``F.scaled_dot_product_attention``
+            then :func:`noisynn_kernels.reference.linear_transform_noise`), or ``None``: ``triton`` on
+            CUDA, ``reference`` elsewhere.  There are no compiled ``cpu`` / ``cuda`` attention
+            kernels: asking for them raises :class:`~noisynn_kernels.BackendUnavailableError`.
+
+    Returns:
+        ``(B, H, N, Dh)`` in the inputs' dtype (from the ``triton`` backend: a view of a
+        ``(B, N, H, Dh)`` buffer, so ``y.transpose(1, 2).reshape(B, N, H * Dh)`` is free).
+
+    Raises:
+        ShapeError, ConfigError, QualityMatrixError, BackendUnavailableError: with what was given and
+        what was expected.
+    """
+    name = _attention_backend(q.device.type if isinstance(q, torch.Tensor) else "cpu", backend)
+    spec, scale = check_noisy_attention(q, k, v, mix, scale, prefix_tokens, grid)
+    if name == "triton":
+        from .ops.noisy_attention import launch
+
+        return launch(q, k, v, scale, spec)
+    cfg = spec.cfg
+    o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if cfg.kind == "identity":
+        return o
+    B, H, N, Dh = q.shape
+    M = quality.mixing_matrix("dense", spec.k, matrix=cfg.matrix) if cfg.kind == "dense" else None
+    t = reference.linear_transform_noise(o.transpose(1, 2).reshape(B, N, H * Dh), cfg.kind, axis=cfg.axis,
+                                         alpha=cfg.alpha, M=M, prefix_tokens=spec.prefix_tokens, grid=spec.grid,
+                                         straight_through=cfg.straight_through)
+    return t.reshape(B, N, H, Dh).transpose(1, 2)

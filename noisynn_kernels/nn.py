@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -10,8 +11,15 @@ from torch import nn
 from . import functional as F
 from ._ext import select_backend
 from .config import NoiseConfig
+from .errors import UnsupportedModelError
 
 __all__ = ["NoiseInjection"]
+
+NOT_SCRIPTABLE_MESSAGE = (
+    "noisynn_kernels models cannot be compiled by TorchScript (torch.jit.script): the noise module holds a "
+    "NoiseConfig and per-device generators, and the fused block stack calls torch.library ops from Python. "
+    "Use torch.export.export(model.eval(), (x,)) or torch.compile(model) instead (both keep the noisynn:: ops), "
+    "or torch.jit.trace for a fixed input shape.")
 
 
 class NoiseInjection(nn.Module):
@@ -30,6 +38,17 @@ class NoiseInjection(nn.Module):
     Random kinds run the fused Triton kernels where the device's backend is ``triton`` (CUDA by
     default, see :func:`noisynn_kernels.backend_info`; the kernel's Philox seed is drawn from the
     same generator), and the reference ops otherwise.
+
+    Distributed training: ``axis='batch'`` mixes the samples of the batch this process sees, so under
+    ``DistributedDataParallel`` each process mixes only its local batch (results differ from one
+    process on the global batch); a warning says so once per module when a ``torch.distributed``
+    process group with world size > 1 is initialized.  ``tokens`` / ``rows`` noise is sample-local
+    and gives the same gradients as one process on the global batch.  Random kinds with ``seed`` draw
+    the same stream in every process: offset the seed by the rank for independent noise.
+
+    TorchScript cannot compile this module (it holds a NoiseConfig and per-device generators):
+    ``torch.jit.script`` raises :class:`~noisynn_kernels.UnsupportedModelError`; use
+    ``torch.export.export`` or ``torch.compile``.
     """
 
     def __init__(self, config, prefix_tokens: int = 0, grid: Optional[Sequence[int]] = None):
@@ -43,6 +62,29 @@ class NoiseInjection(nn.Module):
         self.register_buffer("quality_matrix", cfg.matrix, persistent=False)
         self._generators: Dict[str, torch.Generator] = {}
         self._validated_k: set = set()
+        self._warned_local_batch = False
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling it: fail here, clearly,
+        # instead of deep inside the TorchScript frontend.
+        raise UnsupportedModelError(NOT_SCRIPTABLE_MESSAGE)
+
+    def warn_if_local_batch_mix(self) -> None:
+        """Warn (once per module) when batch-axis mixing runs in a ``torch.distributed`` process group
+        of world size > 1: each process then mixes only its own local batch."""
+        if getattr(self, "_warned_local_batch", False) or not self.config.mixes_batch:  # (older pickles lack it)
+            return
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world <= 1:
+            return
+        self._warned_local_batch = True
+        warnings.warn(
+            f"NoiseInjection(kind={self.config.kind!r}, axis='batch') runs in a torch.distributed process group of "
+            f"world size {world}: it mixes only the samples of this process's local batch, not the global batch, "
+            "so results differ from one process on the global batch. Use axis='tokens' or 'rows' for sample-local "
+            "noise.", UserWarning, stacklevel=2)
 
     def reset_generator(self) -> None:
         """Forget the per-device generators, so the next call starts again from ``config.seed``."""
@@ -65,6 +107,7 @@ class NoiseInjection(nn.Module):
             return x
         prefix = self.prefix_tokens if x.dim() == 3 else 0
         if cfg.is_linear:
+            self.warn_if_local_batch_mix()
             grid = self.grid if (x.dim() == 3 and cfg.axis == "rows") else None
             # Validating a dense I + Q costs an SVD: do it once per mixed size k.
             check = cfg.check_matrix and (cfg.kind != "dense" or F.mixed_size(x, cfg.axis, prefix, grid)

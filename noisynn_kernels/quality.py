@@ -13,6 +13,7 @@ by a dense ``k x k`` matrix for the structured kinds (``shift``, ``optimal``): s
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -40,14 +41,23 @@ DEFAULT_ALPHA = 0.3
 
 
 def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise ConfigError(f"k must be a positive int (the number of mixed rows), got {k!r}")
+    # operator.index takes Python and NumPy ints and integer 0-d tensors (torch.jit.trace turns sizes
+    # into those) and rejects floats and strings; bool is an int subclass but never a size.
+    bad = ConfigError(f"k must be a positive int (the number of mixed rows), got {k!r}")
+    if isinstance(k, bool):
+        raise bad
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise bad from None
     if k < 1:
         raise ConfigError(f"k must be >= 1 (the number of mixed rows), got {k}")
     return k
 
 
 def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool):  # float(True) == 1.0 would pass silently
+        raise ConfigError(f"alpha must be a number in [0, 1], got {alpha!r}")
     try:
         a = float(alpha)
     except (TypeError, ValueError):
@@ -101,7 +111,7 @@ def mixing_matrix(kind: str, k: int, alpha: float = DEFAULT_ALPHA, matrix: Optio
         if q.shape[0] != k:
             raise QualityMatrixError(
                 f"dense quality matrix has size {tuple(q.shape)}, expected ({k}, {k}) for k = {k} mixed rows")
-        return eye + q.to(dtype=dtype, device=device)
+        return eye + q.to(dtype=dtype, device=eye.device)  # Q may live on another device than M
     raise ConfigError(f"kind must be one of {LINEAR_KINDS} to have a mixing matrix, got {kind!r}")
 
 
@@ -117,7 +127,12 @@ def _as_square(m, name: str) -> torch.Tensor:
         raise QualityMatrixError(f"{name} is not square: expected a k x k matrix, got shape {tuple(m.shape)}")
     if m.shape[0] == 0:
         raise QualityMatrixError(f"{name} is empty (0 x 0): expected k >= 1")
-    if not (m.is_floating_point() or m.is_complex()):
+    if m.is_complex():  # a cast to real would drop the imaginary part with only a warning
+        raise QualityMatrixError(f"{name} has complex dtype {m.dtype}: expected a real k x k matrix")
+    if m.device.type == "meta":
+        raise QualityMatrixError(f"{name} is on the meta device (shape only, no values): expected a matrix "
+                                 "with data, on any device (it is moved to the activations' device)")
+    if not m.is_floating_point():
         m = m.to(torch.float64)
     return m
 

@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "mix_rows",
+    "noisy_attention",
     "linear_transform_noise",
     "gaussian_noise",
     "salt_and_pepper_noise",
@@ -159,3 +160,28 @@ def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight:
         return mix(layer_norm(s, weight, bias, eps)), s
     r = mix(s)
     return layer_norm(r, weight, bias, eps), r
+
+
+def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
+                    kind: str = "identity", axis: str = "tokens", alpha: float = 0.3, M: Optional[torch.Tensor] = None,
+                    prefix_tokens: int = 0, grid: Optional[Tuple[int, int]] = None,
+                    straight_through: bool = False) -> torch.Tensor:
+    """``M softmax(q k^T * scale) v`` for ``(B, H, N, Dh)`` inputs, written out (the scores are
+    materialised: this is the definition, not a fast path).  ``scale`` defaults to ``Dh ** -0.5``.
+
+    ``M = I + Q`` mixes the query tokens of the output along ``axis`` exactly as
+    :func:`linear_transform_noise` mixes the ``(B, N, H * Dh)`` tokens that the output projection
+    reads: ``tokens``/``rows`` mix the patch tokens of one sample (the same ``M`` for every head and
+    channel), ``batch`` mixes the samples at each head and token; prefix tokens are never mixed.
+    """
+    B, H, N, Dh = q.shape
+    if scale is None:
+        scale = Dh ** -0.5
+    attn = torch.softmax(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1)
+    o = torch.matmul(attn, v)
+    if kind == "identity":
+        return o
+    t = o.transpose(1, 2).reshape(B, N, H * Dh)
+    t = linear_transform_noise(t, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens, grid=grid,
+                               straight_through=straight_through)
+    return t.reshape(B, N, H, Dh).transpose(1, 2)

@@ -67,7 +67,8 @@ def test_interleaved_timing_orders_and_ratios():
 
 def test_cli_bench_runs_and_writes_results(tmp_path, capsys):
     rc = main(["bench", "--models", "noisy_vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2",
-               "--op-shape", "2", "17", "16", "--warmup", "0", "--iters", "2", "--out", str(tmp_path), "--quiet"])
+               "--op-shape", "2", "17", "16", "--attn-shape", "2", "2", "17", "16", "--warmup", "0", "--iters", "2",
+               "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "optimal/tokens forward" in out and "noisy_vit_tiny_patch16_224/train" in out
@@ -78,7 +79,11 @@ def test_cli_bench_runs_and_writes_results(tmp_path, capsys):
     for key in ("device", "torch", "triton", "timm", "commit", "shape", "dtype", "backend"):
         assert key in row
     assert set(row["competitors"]) == {"eager", "noisynn", "layernorm"}
-    for png in ("models.png", "ops.png", "op_sizes.png"):
+    attn = [r for r in res["rows"] if r["benchmark"] == "attention"]
+    assert {(r["kind"], r["mode"]) for r in attn} == {(k, m) for k in ("optimal", "shift")
+                                                       for m in ("forward", "forward+backward")}
+    assert set(attn[0]["competitors"]) >= {"eager", "sdpa"}
+    for png in ("models.png", "ops.png", "op_sizes.png", "attention.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     sweep = [r for r in res["rows"] if r["benchmark"] == "op_sweep"]
     assert [r["shape"] for r in sweep] == [[8, 17, 16], [16, 17, 16], [32, 17, 16], [64, 17, 16]]

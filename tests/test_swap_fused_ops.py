@@ -13,13 +13,15 @@ from noisynn_kernels.models.fused import is_swapped, swap_fused_ops, unswap_fuse
 
 # The Triton backend runs here through the interpreter (conftest.py) or on a GPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BACKENDS = ["reference"] + (["triton"] if backend_status("triton", DEVICE) is None else [])
+BACKENDS = ["reference"] + [b for b in ("triton", "cpu") if backend_status(b, DEVICE) is None]
 
 NOISES = [
     False,
     dict(kind="optimal", axis="tokens"),
     dict(kind="shift", axis="rows", layer=1),
     dict(kind="optimal", axis="rows", position="attn_input"),
+    dict(kind="shift", axis="rows", position="attn_output", layer=1),
+    dict(kind="optimal", axis="tokens", position="attn_output"),
     dict(kind="shift", axis="batch", eval=False),
     dict(kind="gaussian", seed=3),
 ]
@@ -165,3 +167,38 @@ def test_fullgraph_compile_of_swapped_model_keeps_the_fused_op():
 def test_inductor_compile_of_swapped_model_matches_eager():
     eager, compiled = _compile_swapped("inductor")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_attn_output_site_mixes_the_attention_output():
+    m = _tiny(dict(kind="shift", axis="rows", alpha=0.4, position="attn_output", layer=1)).eval()
+    a = m.blocks[1].attn
+    seen = {}
+    h = a.proj.register_forward_pre_hook(lambda mod, args: seen.__setitem__("proj_in", args[0]))
+    with torch.no_grad():
+        x = torch.randn(2, 17, 48, device=DEVICE)
+        a(x)
+        B, N, C = x.shape
+        q, k, v = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        expected = nk.linear_transform_noise(o, "shift", axis="rows", alpha=0.4, prefix_tokens=1, grid=(4, 4))
+    h.remove()
+    torch.testing.assert_close(seen["proj_in"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swapped_attn_output_runs_the_noisy_attention_op(backend, monkeypatch):
+    import noisynn_kernels.functional as functional
+
+    calls = []
+    real = functional.noisy_attention
+    monkeypatch.setattr(functional, "noisy_attention", lambda *a, **kw: calls.append(kw["backend"]) or real(*a, **kw))
+    m = swap_fused_ops(_tiny(dict(kind="optimal", axis="tokens", position="attn_output")), backend=backend).eval()
+    with torch.no_grad():
+        m(torch.randn(2, 3, 32, 32, device=DEVICE))
+    # One call, at the noise site only; the compiled cpu backend has no attention kernel: device default.
+    assert calls == [None if backend == "cpu" else backend]
+
+
+def test_attn_output_needs_a_vit_attention():
+    with pytest.raises(UnsupportedModelError, match="attn_output"):
+        nk.apply_noisynn(timm.create_model("resnet18"), nk.NoiseConfig(position="attn_output"))

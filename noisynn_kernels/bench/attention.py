@@ -113,7 +113,7 @@ def _row(name: str, config: dict, timings: Dict[str, Timing], baselines: Iterabl
     for comp, t in timings.items():
         comps[comp] = {"median_ms": t.median * 1e3, "spread": t.spread, "repeats": len(t.times),
                        "speedup_vs": {b: t.ratio_to(timings[b]) for b in baselines if b != comp and b in timings}}
-    row = {"benchmark": "op", "name": name, **config, "competitors": comps, **env}
+    row = {"benchmark": "attention", "name": name, **config, "competitors": comps, **env}
     if skipped:
         row["skipped"] = dict(skipped)
     return row

@@ -9,7 +9,7 @@ from typing import List
 __all__ = ["write_plots"]
 
 _COLORS = {"timm": "#7f7f7f", "eager": "#d62728", "noisynn": "#1f77b4", "layernorm": "#2ca02c",
-           "compiled": "#ff7f0e"}
+           "compiled": "#ff7f0e", "sdpa": "#9467bd"}
 
 
 def _grouped_bars(ax, groups: List[str], series: dict, ylabel: str) -> None:
@@ -38,7 +38,8 @@ def write_plots(result: dict, out_dir: str) -> List[str]:
     subtitle = f"{env['device']} | torch {env['torch']} | commit {env['commit']}"
     paths = []
     for kind, fname, metric, ylabel in (("model", "models.png", "throughput_per_s", "images / s (higher is better)"),
-                                        ("op", "ops.png", "median_ms", "median ms (lower is better)")):
+                                        ("op", "ops.png", "median_ms", "median ms (lower is better)"),
+                                        ("attention", "attention.png", "median_ms", "median ms (lower is better)")):
         rows = [r for r in result["rows"] if r["benchmark"] == kind]
         if not rows:
             continue
@@ -47,7 +48,9 @@ def write_plots(result: dict, out_dir: str) -> List[str]:
         series = {c: [r["competitors"][c][metric] for r in rows] for c in comps}
         fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
         _grouped_bars(ax, groups, series, ylabel)
-        title = "Model throughput" if kind == "model" else f"add + noise + LayerNorm, shape {rows[0]['shape']}"
+        shape = rows[0].get("shape")
+        title = {"model": "Model throughput", "op": f"add + noise + LayerNorm, shape {shape}",
+                 "attention": f"noisy attention vs SDPA + eager noise, shape {shape}"}[kind]
         ax.set_title(f"{title} ({rows[0]['dtype']})\n{subtitle}", fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, fname)

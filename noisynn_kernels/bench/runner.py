@@ -60,6 +60,8 @@ class BenchOptions:
     op_axes: tuple = ("tokens", "rows")
     modes: tuple = ("forward", "forward+backward")
     op_sizes: tuple = (8, 16, 32, 64)
+    attention: bool = True
+    attn_shape: tuple = (8, 12, 197, 64)
     backend: Optional[str] = None
     compile: bool = False
     channels_last: bool = False
@@ -323,6 +325,11 @@ def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
     return _row("model", f"{name}/{mode}", cfg, timings, baselines, env, items_per_call=B)
 
 
+def _attention_backend_arg(backend: Optional[str]) -> Optional[str]:
+    # Attention has reference and Triton kernels only: a compiled cpu / cuda choice means the device default.
+    return backend if backend in ("reference", "triton") else None
+
+
 def run(opts: BenchOptions) -> dict:
     """Run the benchmarks ``opts`` asks for; write ``<out>/noisynn_bench.json`` and return the result."""
     device = _device(opts.device)
@@ -335,6 +342,8 @@ def run(opts: BenchOptions) -> dict:
         tasks += [("op", k, a, m) for m in opts.modes for k in opts.op_kinds for a in opts.op_axes]
         _, N, D = opts.op_shape
         tasks += [("op_sweep", (b, N, D)) for b in opts.op_sizes]
+    if opts.attention:
+        tasks += [("attention", k, m) for m in opts.modes for k in opts.op_kinds]
     tasks += [("model", name, mode) for name in opts.models for mode in ("inference", "train")]
     progress = _Progress(len(tasks), opts.quiet)
     if not opts.quiet:
@@ -349,6 +358,12 @@ def run(opts: BenchOptions) -> dict:
             rows.append(_op_bench(opts, device, dtype, "optimal", "tokens", "forward", env, shape=t[1],
                                   bench="op_sweep"))
             progress.step(f"op sweep optimal/tokens forward, shape {t[1]}")
+        elif t[0] == "attention":
+            from .attention import bench_attention
+
+            rows += bench_attention(device, dtype, [opts.attn_shape], opts.warmup, opts.iters, kinds=(t[1],),
+                                    axes=("tokens",), modes=(t[2],), backend=_attention_backend_arg(opts.backend))
+            progress.step(f"noisy attention {t[1]}/tokens {t[2]}, shape {opts.attn_shape}")
         else:
             rows.append(_model_bench(opts, device, dtype, t[1], t[2], env))
             progress.step(f"model {t[1]} {t[2]}")
@@ -370,6 +385,8 @@ def format_table(result: dict) -> str:
     lines += [hdr, "-" * len(hdr)]
     for row in result["rows"]:
         label = row["name"] + ("" if row["benchmark"] == "model" else f" {row['mode']}")
+        if row.get("skipped"):
+            lines.append(f"{label:<44} not timed: " + "; ".join(f"{k}: {v}" for k, v in row["skipped"].items()))
         if row["benchmark"] == "op_sweep":
             label += " " + "x".join(map(str, row["shape"]))
         for comp, c in row["competitors"].items():

@@ -5,8 +5,10 @@ A pre-norm ViT runs, per block, ``x = x + attn(norm1(x))`` and ``x = x + mlp(nor
 follows it as one :func:`~noisynn_kernels.mix_add_layernorm` call (the MLP add of block ``i`` with
 ``norm1`` of block ``i + 1``), and folds a linear noise site into the same call: ``block_input``
 noise mixes the residual stream (``residual_out = M s``), ``attn_input`` noise mixes the
-LayerNorm-1 output (``mix_after_norm``).  Random noises at a site are applied unfused, where the
-hooks would apply them.
+LayerNorm-1 output (``mix_after_norm``), and ``attn_output`` noise runs attention through
+:func:`~noisynn_kernels.functional.noisy_attention` with the mix fused into its epilogue.  Attention
+without a noise site stays timm's (``F.scaled_dot_product_attention``).  Random noises at a site are
+applied unfused, where the hooks would apply them.
 
 Nothing is replaced but the ``forward`` of ``model.blocks`` (an instance attribute), so every
 parameter, buffer and ``state_dict()`` key is untouched and :func:`unswap_fused_ops` restores the
@@ -53,6 +55,32 @@ def _active_site(module: nn.Module):
     return site
 
 
+def _attention(attn: nn.Module, x, backend):
+    """``attn(x)``, with an active linear ``attn_output`` noise fused into the attention kernel
+    (:func:`~noisynn_kernels.functional.noisy_attention`).  timm's Attention runs unchanged (the noise
+    then applies through its hook) when there is no such site, when its ``.norm`` is not Identity
+    (the site is after that norm), or in training with attention dropout (the kernel has none)."""
+    from ..functional import noisy_attention
+
+    norm = getattr(attn, "norm", None)
+    site = _active_site(norm) if isinstance(norm, nn.Identity) else None
+    if site is None or not site.config.is_linear or (attn.training and attn.attn_drop.p > 0):
+        return attn(x)
+    site.warn_if_local_batch_mix()
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    # The compiled cpu / cuda backends have no attention kernel: attention then takes the device default.
+    y = noisy_attention(q, k, v, mix=site.config, scale=attn.scale, prefix_tokens=site.prefix_tokens,
+                        grid=site.grid, backend=backend if backend in ("reference", "triton") else None)
+    y = y.transpose(1, 2).reshape(B, N, getattr(attn, "attn_dim", attn.num_heads * attn.head_dim))
+    if gate is not None:
+        y = y * gate
+    return attn.proj_drop(attn.proj(y))
+
+
 def _fused_blocks_forward(blocks: nn.Sequential, x):
     from ..functional import mix_add_layernorm
 
@@ -65,12 +93,14 @@ def _fused_blocks_forward(blocks: nn.Sequential, x):
             if norm_name == "norm1":
                 site = _active_site(blk)
                 if site is not None and site.config.is_linear:
+                    site.warn_if_local_batch_mix()
                     mix, prefix, grid = site.config, site.prefix_tokens, site.grid
                 elif site is not None:  # random noise on the residual stream entering the block
                     res = site(res if pending is None else res + pending)
                     pending = None
                 site = _active_site(norm)
                 if site is not None and site.config.is_linear:
+                    site.warn_if_local_batch_mix()
                     mix, after, prefix, grid = site.config, True, site.prefix_tokens, site.grid
                 elif site is not None:
                     post = site
@@ -88,7 +118,7 @@ def _fused_blocks_forward(blocks: nn.Sequential, x):
             if post is not None:
                 normed = post(normed)
             if branch == "attn":
-                pending = blk.drop_path1(blk.ls1(blk.attn(normed)))
+                pending = blk.drop_path1(blk.ls1(_attention(blk.attn, normed, backend)))
             else:
                 pending = blk.drop_path2(blk.ls2(blk.mlp(normed)))
     return res if pending is None else res + pending
@@ -117,7 +147,16 @@ def swap_fused_ops(model: nn.Module, backend: Optional[str] = None) -> nn.Module
         _check_block(i, blk)
     setattr(model.blocks, _FUSED_ATTR, backend)
     model.blocks.forward = types.MethodType(_fused_blocks_forward, model.blocks)
+    # torch.jit.script calls __prepare_scriptable__ before compiling a module: a clear error there
+    # instead of a TorchScript frontend error deep inside the fused forward.
+    model.blocks.__prepare_scriptable__ = types.MethodType(_not_scriptable, model.blocks)
     return model
+
+
+def _not_scriptable(blocks):
+    from ..nn import NOT_SCRIPTABLE_MESSAGE
+
+    raise UnsupportedModelError("swap_fused_ops: " + NOT_SCRIPTABLE_MESSAGE)
 
 
 def unswap_fused_ops(model: nn.Module) -> nn.Module:
@@ -125,6 +164,7 @@ def unswap_fused_ops(model: nn.Module) -> nn.Module:
     blocks = getattr(model, "blocks", None)
     if blocks is not None and hasattr(blocks, _FUSED_ATTR):
         del blocks.__dict__["forward"]
+        blocks.__dict__.pop("__prepare_scriptable__", None)
         delattr(blocks, _FUSED_ATTR)
     return model
 

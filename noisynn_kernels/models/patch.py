@@ -116,6 +116,17 @@ def apply_noisynn(model: nn.Module, config: Any = None) -> nn.Module:
                     f"{type(model).__name__} block {cfg.layer} is {type(block).__name__}. "
                     "Use position='block_input' or 'image'.")
             site = block.norm1
+        elif cfg.position == "attn_output":
+            attn = getattr(block, "attn", None)
+            if family != "vit" or not isinstance(getattr(attn, "norm", None), nn.Module) \
+                    or not hasattr(attn, "qkv"):
+                raise UnsupportedModelError(
+                    f"position='attn_output' needs a timm ViT block whose .attn is timm's Attention (with .qkv and "
+                    f".norm); {type(model).__name__} block {cfg.layer} has .attn = {type(attn).__name__}. "
+                    "Use position='block_input' or 'attn_input'.")
+            # timm's Attention passes the merged-heads output through .norm (Identity unless scale_norm)
+            # right before the projection: its output is the attention output.
+            site = attn.norm
         else:
             site = block
     # Everything is validated: only now drop the noise applied before (a rejected config keeps it).
@@ -130,7 +141,7 @@ def apply_noisynn(model: nn.Module, config: Any = None) -> nn.Module:
         getattr(site, _SITE_ATTR).to(p.device)
     getattr(site, _SITE_ATTR).train(model.training)
     state = _NoisynnState(cfg, site)
-    if cfg.position == "attn_input":
+    if cfg.position in ("attn_input", "attn_output"):
         state.handles.append(site.register_forward_hook(_replace_output))
     else:
         state.handles.append(site.register_forward_pre_hook(_replace_first_arg, with_kwargs=True))
