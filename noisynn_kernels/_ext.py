@@ -21,6 +21,9 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 _ext = None
 _ext_error: Optional[str] = None
+# The extension's build_info(), read once: backend checks run inside torch.compile'd code, where a
+# call into the pybind11 module would break the graph but a dict lookup does not.
+_build_info: Dict[str, Any] = {}
 
 
 def _load():
@@ -29,6 +32,7 @@ def _load():
         return
     try:
         _ext = importlib.import_module("noisynn_kernels._C")
+        _build_info.update(_ext.build_info())
     except ImportError as e:  # not built (source checkout) or built against another torch
         _ext_error = f"{type(e).__name__}: {e}"
 
@@ -97,7 +101,7 @@ def backend_status(name: str, device_type: str) -> Optional[str]:
         ext = extension()
         if ext is None:
             return f"the compiled extension is not importable ({extension_error()})"
-        built = ext.build_info().get(f"{name}_kernels", [])
+        built = _build_info.get(f"{name}_kernels", [])
         if "mix_add_layernorm" not in built:
             how = ("it was built without CUDA (NOISYNN_BUILD_CUDA=0, or no nvcc / CUDA torch at build time)"
                    if name == "cuda" else "it was built without them")
@@ -157,5 +161,9 @@ def backend_info() -> Dict[str, Any]:
     if ext is None:
         info["extension"]["why"] = extension_error()
     else:
-        info["extension"].update(ext.build_info())
+        info["extension"].update(_build_info)
     return info
+
+
+# Load at import, never first inside a torch.compile'd region (Dynamo cannot trace an import).
+_load()

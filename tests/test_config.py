@@ -43,7 +43,7 @@ def test_defaults():
 def test_module_constants():
     assert set(KINDS) == {"identity", "shift", "optimal", "dense", "gaussian", "salt_and_pepper"}
     assert set(RANDOM_KINDS) == {"gaussian", "salt_and_pepper"}
-    assert set(POSITIONS) == {"block_input", "attn_input", "image"}
+    assert set(POSITIONS) == {"block_input", "attn_input", "attn_output", "image"}
 
 
 @pytest.mark.parametrize("kwargs", [
