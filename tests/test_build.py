@@ -162,14 +162,24 @@ class _FakeExtension:
         return self.info
 
 
+def _pretend_built(monkeypatch, **info):
+    """Make noisynn_kernels._ext see an extension whose build_info() is ``info``."""
+    monkeypatch.setattr(_ext, "_ext", _FakeExtension(**info))
+    if hasattr(_ext, "_build_info"):  # the cached copy of build_info()
+        monkeypatch.setattr(_ext, "_build_info", dict(info))
+
+
 def test_backend_status_cuda_says_why(monkeypatch):
     assert "runs CUDA tensors only" in backend_status("cuda", "cpu")
-    monkeypatch.setattr(_ext, "_ext", _FakeExtension(cpu_kernels=["mix_add_layernorm"], cuda_kernels=[], cuda=False))
+    _pretend_built(monkeypatch, cpu_kernels=["mix_add_layernorm"], cuda_kernels=[], cuda=False)
     why = backend_status("cuda", "cuda")
     assert why is not None and "built without CUDA" in why and "NOISYNN_BUILD_CUDA" in why
     assert not cuda_op.available()
-    monkeypatch.setattr(_ext, "_ext", _FakeExtension(cpu_kernels=["mix_add_layernorm"], cuda_kernels=["mix_add_layernorm"],
-                                                     cuda=True))
+    with pytest.raises(BackendUnavailableError, match="built without CUDA"):
+        cuda_op.launch(torch.randn(1, 2, 4), None, None, None, 1e-6,
+                       check_mix_add_layernorm(torch.randn(1, 2, 4), None, None, None, 1e-6, None, 0, None, False),
+                       False)
+    _pretend_built(monkeypatch, cpu_kernels=["mix_add_layernorm"], cuda_kernels=["mix_add_layernorm"], cuda=True)
     assert backend_status("cuda", "cuda") is None
 
 

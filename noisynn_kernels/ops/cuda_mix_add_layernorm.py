@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import quality
-from .._ext import backend_status, extension
+from .._ext import backend_status
 from ..errors import BackendUnavailableError, ConfigError, ShapeError
 from ..functional import MixSpec
 
@@ -43,11 +43,9 @@ _BWD = "noisynn::mix_add_layernorm_bwd_cuda"
 
 
 def available() -> bool:
-    """Whether the compiled extension carries the CUDA ops (a GPU is not needed to register them)."""
-    ext = extension()
-    if ext is None or "mix_add_layernorm" not in ext.build_info().get("cuda_kernels", []):
-        return False
-    return hasattr(torch.ops.noisynn, "mix_add_layernorm_fwd_cuda")
+    """Whether the compiled extension carries the CUDA ops (a GPU is not needed to register them).  Reads
+    the build description cached by :mod:`noisynn_kernels._ext`, so it is cheap and traceable by torch.compile."""
+    return backend_status("cuda", "cuda") is None and hasattr(torch.ops.noisynn, "mix_add_layernorm_fwd_cuda")
 
 
 def _fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
