@@ -7,7 +7,7 @@ Quick start::
     y = nk.linear_transform_noise(x, "shift", axis="rows", alpha=0.3, prefix_tokens=1)
 """
 
-from . import quality, reference
+from . import analysis, quality, reference
 from ._ext import backend_info
 from .config import KINDS, POSITIONS, NoiseConfig
 from .errors import (BackendUnavailableError, BatchDependenceError, ConfigError, NoisyNNError, QualityMatrixError,
@@ -21,7 +21,7 @@ from .models.fused import is_swapped, swap_fused_ops, unswap_fused_ops
 __version__ = "0.1.0"
 
 __all__ = [
-    "quality", "reference", "backend_info",
+    "analysis", "quality", "reference", "backend_info",
     "NoiseConfig", "KINDS", "AXES", "POSITIONS",
     "linear_transform_noise", "gaussian_noise", "salt_and_pepper_noise", "mix_add_layernorm", "noisy_attention",
     "NoiseInjection", "apply_noisynn", "remove_noisynn", "noise_config", "NOISY_MODELS",
