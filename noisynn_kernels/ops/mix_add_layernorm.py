@@ -22,6 +22,8 @@ Backward recomputes ``x_hat`` from ``residual_out``: it *is* the LayerNorm input
 Autograd: ``x``, ``residual``, ``weight`` and ``bias`` are differentiable; the ``dense`` matrix is not
 (treated as a constant), and there is no double backward.  ``straight_through`` configs run the
 mixed forward and an unmixed (identity) backward, as the reference's ``x + (Mx - x).detach()``.
+The fakes and the autograd formula are shared with the C++ and CUDA ops
+(:mod:`noisynn_kernels.ops._fused_common`).
 """
 
 from __future__ import annotations
@@ -33,19 +35,20 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .. import quality
 from .._ext import triton_interpreted
-from ..errors import BackendUnavailableError, ConfigError, ShapeError
+from ..errors import BackendUnavailableError, ShapeError
 from ..functional import MixSpec, check_mix_add_layernorm
 from ..triton import mix_layernorm as kernels
+from ._fused_common import AXIS_CODES, KIND_CODES, bwd_fake, dense_mix_matrix, fwd_fake, make_backward, setup_context
 
 __all__ = ["mix_add_layernorm", "launch", "mix_add_layernorm_fwd", "mix_add_layernorm_bwd", "KIND_CODES", "AXIS_CODES"]
 
-#: Op-schema codes of the mixing kinds and axes (the kernels' constexpr values).
-KIND_CODES = {"identity": kernels.IDENTITY.value, "shift": kernels.SHIFT.value,
-              "optimal": kernels.OPTIMAL.value, "dense": kernels.DENSE.value}
-AXIS_CODES = {"tokens": kernels.AXIS_TOKENS.value, "rows": kernels.AXIS_ROWS.value,
-              "batch": kernels.AXIS_BATCH.value}
+# The kernels' constexpr codes are the op schema's (shared with the C++ and CUDA ops).
+if (KIND_CODES != {"identity": kernels.IDENTITY.value, "shift": kernels.SHIFT.value,
+                   "optimal": kernels.OPTIMAL.value, "dense": kernels.DENSE.value}
+        or AXIS_CODES != {"tokens": kernels.AXIS_TOKENS.value, "rows": kernels.AXIS_ROWS.value,
+                          "batch": kernels.AXIS_BATCH.value}):
+    raise ImportError("noisynn_kernels.triton.mix_layernorm's kind / axis codes differ from the op schema's")
 
 #: Whether the kernels run in Triton's CPU interpreter (decided when triton.jit wrapped them).
 INTERPRETED = triton_interpreted()
@@ -142,12 +145,7 @@ def mix_add_layernorm_fwd(
     return normed, residual_out, mean, rstd
 
 
-@mix_add_layernorm_fwd.register_fake
-def _mix_add_layernorm_fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens,
-                                grid_w, mix_after_norm, straight_through):
-    B, N, D = x.shape
-    return (x.new_empty((B, N, D)), x.new_empty((B, N, D)),
-            x.new_empty((B * N,), dtype=torch.float32), x.new_empty((B * N,), dtype=torch.float32))
+mix_add_layernorm_fwd.register_fake(fwd_fake)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,50 +211,14 @@ def mix_add_layernorm_bwd(
     return dx, dw_part.sum(dim=0), db_part.sum(dim=0)
 
 
-@mix_add_layernorm_bwd.register_fake
-def _mix_add_layernorm_bwd_fake(d_normed, d_residual_out, residual_out, weight, mean, rstd, kind, axis, alpha,
-                                mix_matrix, prefix_tokens, grid_w, mix_after_norm):
-    D = residual_out.shape[-1]
-    return (residual_out.new_empty(residual_out.shape), residual_out.new_empty((D,), dtype=torch.float32),
-            residual_out.new_empty((D,), dtype=torch.float32))
+mix_add_layernorm_bwd.register_fake(bwd_fake)
 
 
 # --------------------------------------------------------------------------------------------------
 # autograd
 
 
-def _setup_context(ctx, inputs, output):
-    (x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
-     straight_through) = inputs
-    _, residual_out, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(residual_out, weight, mean, rstd, mix_matrix)
-    ctx.has_residual = residual is not None
-    ctx.has_bias = bias is not None
-    # Straight-through: forward M x, gradient the identity.
-    ctx.kind = KIND_CODES["identity"] if straight_through else kind
-    ctx.axis, ctx.alpha, ctx.prefix_tokens, ctx.grid_w = axis, alpha, prefix_tokens, grid_w
-    ctx.mix_after_norm = mix_after_norm
-
-
-def _backward(ctx, d_normed, d_residual_out, _d_mean, _d_rstd):
-    residual_out, weight, mean, rstd, mix_matrix = ctx.saved_tensors
-    if d_normed is None:
-        d_normed = torch.zeros_like(residual_out)
-    dx, dw, db = mix_add_layernorm_bwd(
-        d_normed, d_residual_out, residual_out, weight, mean, rstd, ctx.kind, ctx.axis, ctx.alpha, mix_matrix,
-        ctx.prefix_tokens, ctx.grid_w, ctx.mix_after_norm)
-    need = ctx.needs_input_grad
-    d_x = dx if need[0] else None
-    d_res = None
-    if ctx.has_residual and need[1]:
-        d_res = dx.clone() if d_x is not None else dx  # x and residual get separate gradient tensors
-    d_w = dw.to(weight.dtype) if weight is not None and need[2] else None
-    d_b = db.to(residual_out.dtype if weight is None else weight.dtype) if ctx.has_bias and need[3] else None
-    return d_x, d_res, d_w, d_b, None, None, None, None, None, None, None, None, None
-
-
-mix_add_layernorm_fwd.register_autograd(_backward, setup_context=_setup_context)
+mix_add_layernorm_fwd.register_autograd(make_backward(mix_add_layernorm_bwd), setup_context=setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,19 +275,8 @@ def launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias
         raise BackendUnavailableError("Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got x of dtype "
                                       "torch.bfloat16, expected float16 or float32")
     cfg = spec.cfg
-    mix_matrix = None
-    if cfg.kind == "dense":
-        q = cfg.matrix
-        if q.requires_grad and torch.is_grad_enabled():
-            raise ConfigError("the dense quality matrix requires grad, but the fused op treats it as a constant "
-                              "(no gradient wrt Q); detach it, or use noisynn_kernels.reference to learn Q")
-        mix_matrix = quality.mixing_matrix("dense", spec.k, matrix=q).to(device=x.device, dtype=torch.float32)
-        # Data-dependent (a graph break under torch.compile): checked in eager only.  NoiseConfig has
-        # rejected non-finite Q already; this catches values that overflow fp32.
-        if not torch.compiler.is_compiling() and not torch.isfinite(mix_matrix).all():
-            raise ConfigError("dense quality matrix has non-finite entries (in fp32); expected finite values")
     grid_w = spec.grid[1] if spec.grid is not None else 1
     normed, residual_out, _, _ = mix_add_layernorm_fwd(
         x, residual, weight, bias, float(eps), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha),
-        mix_matrix, spec.prefix_tokens, grid_w, mix_after_norm, bool(cfg.straight_through))
+        dense_mix_matrix(spec, x.device), spec.prefix_tokens, grid_w, mix_after_norm, bool(cfg.straight_through))
     return normed, residual_out

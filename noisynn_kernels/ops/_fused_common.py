@@ -1,0 +1,103 @@
+"""What the three ``mix_add_layernorm`` op families (Triton, C++ CPU, CUDA C++) share.
+
+The families have one schema (see :mod:`noisynn_kernels.ops.mix_add_layernorm`), so they share here:
+the op-schema codes, the fake (meta) implementations, the autograd formula (built around each family's
+backward op by :func:`make_backward`) and the preparation of a ``dense`` mixing matrix.  Nothing here
+imports Triton or needs the compiled extension.
+
+Autograd: ``x``, ``residual``, ``weight`` and ``bias`` are differentiable; the ``dense`` matrix is a
+constant; no double backward.  ``straight_through`` runs the mixed forward and an identity backward.
+Gradients are not materialized: when ``residual_out`` gets no gradient (the usual case when only
+``normed`` is used), the backward op receives ``None`` instead of a tensor of zeros.  ``x`` and
+``residual`` receive the same gradient tensor, as autograd's own ``x + residual`` does (autograd never
+writes into a gradient it was handed; it copies where it must accumulate).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import quality
+from ..errors import ConfigError
+from ..functional import MixSpec
+
+__all__ = ["KIND_CODES", "AXIS_CODES", "fwd_fake", "bwd_fake", "setup_context", "make_backward",
+           "dense_mix_matrix"]
+
+#: Op-schema codes of the mixing kinds and axes (every family's kernels use these values).
+KIND_CODES = {"identity": 0, "shift": 1, "optimal": 2, "dense": 3}
+AXIS_CODES = {"tokens": 0, "rows": 1, "batch": 2}
+
+
+def fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
+             straight_through):
+    """Fake of every ``mix_add_layernorm_fwd*`` op: ``(normed, residual_out, mean, rstd)``."""
+    B, N, D = x.shape
+    return (x.new_empty((B, N, D)), x.new_empty((B, N, D)),
+            x.new_empty((B * N,), dtype=torch.float32), x.new_empty((B * N,), dtype=torch.float32))
+
+
+def bwd_fake(d_normed, d_residual_out, residual_out, weight, mean, rstd, kind, axis, alpha, mix_matrix,
+             prefix_tokens, grid_w, mix_after_norm):
+    """Fake of every ``mix_add_layernorm_bwd*`` op: ``(dx, dweight, dbias)``, the last two fp32 ``(D,)``."""
+    D = residual_out.shape[-1]
+    return (residual_out.new_empty(residual_out.shape), residual_out.new_empty((D,), dtype=torch.float32),
+            residual_out.new_empty((D,), dtype=torch.float32))
+
+
+def setup_context(ctx, inputs, output):
+    """``setup_context`` of every ``mix_add_layernorm_fwd*`` op's autograd formula."""
+    (x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
+     straight_through) = inputs
+    _, residual_out, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused residual_out costs no zero-filled gradient
+    ctx.save_for_backward(residual_out, weight, mean, rstd, mix_matrix)
+    ctx.has_residual = residual is not None
+    ctx.has_bias = bias is not None
+    ctx.kind = KIND_CODES["identity"] if straight_through else kind  # forward M x, gradient the identity
+    ctx.axis, ctx.alpha, ctx.prefix_tokens, ctx.grid_w = axis, alpha, prefix_tokens, grid_w
+    ctx.mix_after_norm = mix_after_norm
+
+
+def make_backward(bwd_op: Callable) -> Callable:
+    """The autograd ``backward`` around ``bwd_op`` (a ``mix_add_layernorm_bwd*`` op)."""
+
+    def backward(ctx, d_normed, d_residual_out, _d_mean, _d_rstd):
+        need = ctx.needs_input_grad
+        if d_normed is None and d_residual_out is None:
+            return (None,) * 13
+        residual_out, weight, mean, rstd, mix_matrix = ctx.saved_tensors
+        if d_normed is None:
+            d_normed = torch.zeros_like(residual_out)
+        dx, dw, db = bwd_op(d_normed, d_residual_out, residual_out, weight, mean, rstd, ctx.kind, ctx.axis,
+                            ctx.alpha, mix_matrix, ctx.prefix_tokens, ctx.grid_w, ctx.mix_after_norm)
+        d_x = dx if need[0] else None
+        d_res = dx if ctx.has_residual and need[1] else None
+        d_w = dw.to(weight.dtype) if weight is not None and need[2] else None
+        d_b = db.to(residual_out.dtype if weight is None else weight.dtype) if ctx.has_bias and need[3] else None
+        return d_x, d_res, d_w, d_b, None, None, None, None, None, None, None, None, None
+
+    return backward
+
+
+def dense_mix_matrix(spec: MixSpec, device: torch.device) -> Optional[Tensor]:
+    """The fp32 ``K x K`` matrix ``M = I + Q`` a ``dense`` config passes to the ops (``None`` for the
+    other kinds).  Raises :class:`ConfigError` for a ``Q`` that requires grad (the fused ops treat it as
+    a constant) and, in eager mode, for entries that overflow fp32."""
+    cfg = spec.cfg
+    if cfg.kind != "dense":
+        return None
+    q = cfg.matrix
+    if q.requires_grad and torch.is_grad_enabled():
+        raise ConfigError("the dense quality matrix requires grad, but the fused op treats it as a constant "
+                          "(no gradient wrt Q); detach it, or use noisynn_kernels.reference to learn Q")
+    mix_matrix = quality.mixing_matrix("dense", spec.k, matrix=q).to(device=device, dtype=torch.float32)
+    # Data-dependent (a graph break under torch.compile): checked in eager only.  NoiseConfig has
+    # rejected non-finite Q already; this catches values that overflow fp32.
+    if not torch.compiler.is_compiling() and not torch.isfinite(mix_matrix).all():
+        raise ConfigError("dense quality matrix has non-finite entries (in fp32); expected finite values")
+    return mix_matrix
