@@ -7,6 +7,8 @@
 
 #include <string>
 
+#include "cpu/mix_add_layernorm.h"
+
 #if defined(WITH_CUDA)
 #include "cuda/build_info.h"
 #endif
@@ -32,6 +34,15 @@ pybind11::dict build_info() {
   pybind11::list cpu_kernels;
   cpu_kernels.append("mix_add_layernorm");
   info["cpu_kernels"] = cpu_kernels;
+  // cpu_isas: the instruction sets the CPU kernels were compiled for; cpu_isa: the one they run here
+  pybind11::list cpu_isas;
+  cpu_isas.append("default");
+#if NOISYNN_CPU_AVX2
+  cpu_isas.append("avx2");
+#endif
+  info["cpu_isas"] = cpu_isas;
+  info["cpu_isa"] = std::string(cpu::cpu_isa());
+  info["cpu_hugepage_outputs"] = cpu::hugepage_outputs();
   // cuda: whether CUDA kernels were compiled in; cuda_arch_list / cuda_version: the GPU architectures
   // (TORCH_CUDA_ARCH_LIST syntax) and the toolkit they were compiled for / with (None without CUDA)
   pybind11::list cuda_kernels;

@@ -294,3 +294,137 @@ def test_op_errors():
 def test_build_info_lists_kernel():
     from noisynn_kernels._ext import extension
     assert "mix_add_layernorm" in extension().build_info()["cpu_kernels"]
+
+
+# --------------------------------------------------------------------------------------------------
+# instruction sets, huge-page outputs, autograd plumbing
+
+def _isa_env(**extra):
+    import os
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def test_build_info_reports_the_instruction_set():
+    from noisynn_kernels._ext import extension
+    info = extension().build_info()
+    assert info["cpu_isas"][0] == "default"
+    assert set(info["cpu_isas"]) <= {"default", "avx2"}
+    assert info["cpu_isa"] in info["cpu_isas"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and "avx2" in info["cpu_isas"]:
+        assert info["cpu_isa"] == "avx2"
+
+
+def test_baseline_instruction_set_matches_reference():
+    """ATEN_CPU_CAPABILITY=default selects the baseline build of the kernels (the one machines without AVX2
+    run); the oracle tests of this file must pass on it too, in a fresh process."""
+    import subprocess
+    import sys
+    env = _isa_env(ATEN_CPU_CAPABILITY="default")
+    isa = subprocess.run([sys.executable, "-c", "from noisynn_kernels._ext import extension; "
+                          "print(extension().build_info()['cpu_isa'])"], env=env, capture_output=True, text=True)
+    assert isa.returncode == 0, isa.stderr
+    assert isa.stdout.strip() == "default"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                          "test_matches_reference or test_odd_sizes or test_fp16 or test_straight_through"],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout
+
+
+def test_instruction_sets_agree():
+    """Both builds add in the same order (8-lane vector extensions); they may differ only by FMA contraction."""
+    import subprocess
+    import sys
+    B, N, D = 3, 1 + 16, 200
+    t = make_inputs(B, N, D, has_res=True, has_w=True, has_b=True, seed=5)[1](torch.float32)
+    cfg = NoiseConfig(kind="optimal", axis="rows")
+    normed, res = fused(t["x"].detach(), t["residual"].detach(), t["weight"].detach(), t["bias"].detach(),
+                        mix=cfg, prefix_tokens=1, grid=(4, 4))
+    code = ("import sys, torch\n"
+            "from noisynn_kernels import NoiseConfig\n"
+            "from noisynn_kernels.functional import check_mix_add_layernorm\n"
+            "from noisynn_kernels.ops import cpu_mix_add_layernorm as cpu\n"
+            "x, r, w, b = torch.load(sys.argv[1])\n"
+            "cfg = NoiseConfig(kind='optimal', axis='rows')\n"
+            "spec = check_mix_add_layernorm(x, r, w, b, 1e-6, cfg, 1, (4, 4), False)\n"
+            "torch.save(cpu.launch(x, r, w, b, 1e-6, spec, False), sys.argv[2])\n")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(tuple(t[k].detach() for k in ("x", "residual", "weight", "bias")), f"{d}/in.pt")
+        run = subprocess.run([sys.executable, "-c", code, f"{d}/in.pt", f"{d}/out.pt"],
+                             env=_isa_env(ATEN_CPU_CAPABILITY="default"), capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        normed_default, res_default = torch.load(f"{d}/out.pt")
+    torch.testing.assert_close(res_default, res, rtol=0, atol=4e-6)
+    torch.testing.assert_close(normed_default, normed, rtol=0, atol=4e-5)
+
+
+def test_hugepage_advice_changes_no_data():
+    """Outputs of >= 4 MiB get madvise(MADV_HUGEPAGE) (a hint); NOISYNN_CPU_HUGEPAGES=0 turns it off.  The
+    results must be bitwise the same either way."""
+    import subprocess
+    import sys
+    import tempfile
+    B, N, D = 8, 1 + 196, 768  # 4.8 MB per output
+    g = _gen(11)
+    x, r = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    cfg = NoiseConfig(kind="shift", axis="tokens")
+    x.requires_grad_()
+    normed, res = fused(x, r, None, None, mix=cfg, prefix_tokens=1)
+    (dx,) = torch.autograd.grad(normed, x, torch.ones_like(normed))
+    code = ("import sys, torch\n"
+            "from noisynn_kernels import NoiseConfig\n"
+            "from noisynn_kernels._ext import extension\n"
+            "from noisynn_kernels.functional import check_mix_add_layernorm\n"
+            "from noisynn_kernels.ops import cpu_mix_add_layernorm as cpu\n"
+            "assert extension().build_info()['cpu_hugepage_outputs'] is False\n"
+            "x, r = torch.load(sys.argv[1]); x.requires_grad_()\n"
+            "spec = check_mix_add_layernorm(x, r, None, None, 1e-6, NoiseConfig(kind='shift'), 1, None, False)\n"
+            "normed, res = cpu.launch(x, r, None, None, 1e-6, spec, False)\n"
+            "(dx,) = torch.autograd.grad(normed, x, torch.ones_like(normed))\n"
+            "torch.save((normed.detach(), res.detach(), dx), sys.argv[2])\n")
+    with tempfile.TemporaryDirectory() as d:
+        torch.save((x.detach(), r), f"{d}/in.pt")
+        run = subprocess.run([sys.executable, "-c", code, f"{d}/in.pt", f"{d}/out.pt"],
+                             env=_isa_env(NOISYNN_CPU_HUGEPAGES="0"), capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        normed_off, res_off, dx_off = torch.load(f"{d}/out.pt")
+    assert torch.equal(normed_off, normed.detach()) and torch.equal(res_off, res.detach()) and torch.equal(dx_off, dx)
+
+
+def test_unused_residual_out_gets_no_zero_gradient():
+    """Only ``normed`` used: the backward op receives ``d_residual_out=None`` (no zero-filled B x N x D tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "mix_add_layernorm_bwd_cpu" in str(func):
+                seen.append(args[1])
+            if func in (torch.ops.aten.zeros_like.default, torch.ops.aten.fill_.Scalar, torch.ops.aten.zero_.default):
+                if args[0].numel() >= 2 * 5 * 16:
+                    seen.append(("zero-fill", tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    r = torch.randn(2, 5, 16, requires_grad=True)
+    normed, _ = fused(x, r, None, None, mix=NoiseConfig(kind="optimal"), prefix_tokens=1)
+    with Record():
+        normed.backward(torch.randn_like(normed))
+    assert seen == [None], seen
+
+
+def test_x_and_residual_gradients_are_independent():
+    """x and residual receive the same gradient values; autograd hands each leaf its own tensor."""
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    r = torch.randn(2, 5, 16, requires_grad=True)
+    normed, res = fused(x, r, None, None, mix=NoiseConfig(kind="shift"), prefix_tokens=1)
+    (normed.sum() + res.pow(2).sum()).backward()
+    assert torch.equal(x.grad, r.grad)
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    before = r.grad.clone()
+    x.grad.add_(1.0)
+    assert torch.equal(r.grad, before)

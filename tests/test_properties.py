@@ -137,12 +137,8 @@ def test_triton_backend_matches_reference(c):
 
 @pytest.mark.parametrize("backend", ["reference"] + FUSED)
 @pytest.mark.parametrize("value", (0.3, 2.1, -7.5))
-def test_constant_rows_normalize_to_the_bias(backend, value, request):
+def test_constant_rows_normalize_to_the_bias(backend, value):
     """A row with zero variance normalizes to exactly ``bias`` (torch's LayerNorm gives exact zeros)."""
-    if backend == "cpu" and value != -7.5:  # -7.5 * 7 / 7 is exact in fp32: the mean has no rounding
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "known: the C++ kernel normalizes as x * rstd + (-mean * rstd), which for a constant row leaves "
-            "|x| * rstd * 2^-24 (rstd = 1/sqrt(eps)) instead of 0; (x - mean) * rstd would be exact")))
     x = torch.full((2, 3, 7), value)
     w, b = torch.full((7,), 1.5), torch.linspace(-1, 1, 7)
     normed, res = nk.mix_add_layernorm(x, None, w, b, 1e-6, mix=dict(kind="optimal"), backend=backend)
