@@ -118,11 +118,19 @@ def environment(device: torch.device) -> Dict[str, str]:
     except ImportError:
         triton_version = "not installed"
     from .. import __version__
+    from .._ext import extension
 
-    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "triton": triton_version, "timm": timm.__version__, "noisynn_kernels": __version__,
-            "python": platform.python_version(), "commit": _git_commit(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    env = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+           "triton": triton_version, "timm": timm.__version__, "noisynn_kernels": __version__,
+           "python": platform.python_version(), "commit": _git_commit(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if device.type == "cpu":
+        env["threads"] = torch.get_num_threads()
+        info = extension().build_info() if extension() is not None else {}
+        # which build of the C++ kernels ran, and whether their large outputs asked for huge pages
+        env["cpu_isa"] = info.get("cpu_isa", "not built")
+        env["cpu_hugepage_outputs"] = info.get("cpu_hugepage_outputs", False)
+    return env
 
 
 class _Progress:
