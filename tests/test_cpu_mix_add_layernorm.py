@@ -307,8 +307,10 @@ def _isa_env(**extra):
 
 
 def test_build_info_reports_the_instruction_set():
+    import os
     from noisynn_kernels._ext import extension
     info = extension().build_info()
+    assert info["cpu_hugepage_outputs"] is (os.environ.get("NOISYNN_CPU_HUGEPAGES") == "1")
     assert info["cpu_isas"][0] == "default"
     assert set(info["cpu_isas"]) <= {"default", "avx2"}
     assert info["cpu_isa"] in info["cpu_isas"]
@@ -362,8 +364,8 @@ def test_instruction_sets_agree():
 
 
 def test_hugepage_advice_changes_no_data():
-    """Outputs of >= 4 MiB get madvise(MADV_HUGEPAGE) (a hint); NOISYNN_CPU_HUGEPAGES=0 turns it off.  The
-    results must be bitwise the same either way."""
+    """With NOISYNN_CPU_HUGEPAGES=1 outputs of >= 4 MiB get madvise(MADV_HUGEPAGE) (a hint; off by default).
+    The results must be bitwise the same either way."""
     import subprocess
     import sys
     import tempfile
@@ -379,7 +381,7 @@ def test_hugepage_advice_changes_no_data():
             "from noisynn_kernels._ext import extension\n"
             "from noisynn_kernels.functional import check_mix_add_layernorm\n"
             "from noisynn_kernels.ops import cpu_mix_add_layernorm as cpu\n"
-            "assert extension().build_info()['cpu_hugepage_outputs'] is False\n"
+            "assert extension().build_info()['cpu_hugepage_outputs'] is True\n"
             "x, r = torch.load(sys.argv[1]); x.requires_grad_()\n"
             "spec = check_mix_add_layernorm(x, r, None, None, 1e-6, NoiseConfig(kind='shift'), 1, None, False)\n"
             "normed, res = cpu.launch(x, r, None, None, 1e-6, spec, False)\n"
@@ -388,10 +390,10 @@ def test_hugepage_advice_changes_no_data():
     with tempfile.TemporaryDirectory() as d:
         torch.save((x.detach(), r), f"{d}/in.pt")
         run = subprocess.run([sys.executable, "-c", code, f"{d}/in.pt", f"{d}/out.pt"],
-                             env=_isa_env(NOISYNN_CPU_HUGEPAGES="0"), capture_output=True, text=True)
+                             env=_isa_env(NOISYNN_CPU_HUGEPAGES="1"), capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
-        normed_off, res_off, dx_off = torch.load(f"{d}/out.pt")
-    assert torch.equal(normed_off, normed.detach()) and torch.equal(res_off, res.detach()) and torch.equal(dx_off, dx)
+        normed_on, res_on, dx_on = torch.load(f"{d}/out.pt")
+    assert torch.equal(normed_on, normed.detach()) and torch.equal(res_on, res.detach()) and torch.equal(dx_on, dx)
 
 
 def test_unused_residual_out_gets_no_zero_gradient():

@@ -90,8 +90,8 @@ void bwd(const BwdArgs& a);
 // The instruction set the op runs: "avx2" or "default".
 const char* cpu_isa();
 
-// Whether the op asks for transparent huge pages on its large outputs (Linux; off with
-// NOISYNN_CPU_HUGEPAGES=0).
+// Whether the op asks for transparent huge pages on its large outputs (Linux, opt-in with
+// NOISYNN_CPU_HUGEPAGES=1; see advise_hugepages in mix_add_layernorm.cpp).
 bool hugepage_outputs();
 
 }  // namespace cpu

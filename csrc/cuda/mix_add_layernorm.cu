@@ -167,7 +167,8 @@ __device__ __forceinline__ void lane_sum(float (&v)[NV], float* red) {
 // ------------------------------------------------------------------------------------------------
 // sources: one vector of the row being mixed, in fp32 (elementwise given the stored row scalars)
 
-// v <- (v - mean) * rstd * w + b, in the CPU kernel's order (shift = -mean * rstd)
+// v <- (v - mean) * rstd * w + b, computed as v * rstd + shift (shift = -mean * rstd); the CPU kernels
+// compute (v - mean) * rstd, exact for constant rows, which this order is not (within 2^-24 / sqrt(eps))
 template <int VEC>
 __device__ __forceinline__ void normalize_vec(float (&v)[VEC], float rs, float shift, const float* w,
                                               const float* b, int d) {
