@@ -11,13 +11,11 @@ both outputs with random upstream gradients.
 """
 
 import itertools
-import math
 
 import pytest
 import torch
 
 from noisynn_kernels import NoiseConfig, quality, reference
-from noisynn_kernels.functional import check_mix_add_layernorm
 from noisynn_kernels.ops import cuda_mix_add_layernorm as cuda_op
 
 pytestmark = [
@@ -28,131 +26,11 @@ pytestmark = [
 ]
 
 DEVICE = "cuda"
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-KINDS = ("identity", "shift", "optimal", "dense")
-AXES = ("tokens", "rows", "batch")
-ALPHA = 0.3
 
+from _oracle import ALPHA, ATOL, AXES, KINDS, Oracle, dense_q, gen as _gen, mixed_k  # noqa: E402
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def dense_q(k, seed=0):
-    """A dense Q whose M = I + Q is strictly diagonally dominant (invertible, row-dominant)."""
-    return (torch.rand(k, k, generator=_gen(1000 + k + seed), dtype=torch.float64) * 2 - 1) * (0.4 / k)
-
-
-def mixed_k(B, N, axis, prefix, grid):
-    if axis == "rows":
-        return grid[0]
-    return N - prefix if axis == "tokens" else B
-
-
-def fused(x, residual, weight, bias, eps=1e-6, *, mix=None, prefix_tokens=0, grid=None, mix_after_norm=False):
-    spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
-    return cuda_op.launch(x, residual, weight, bias, eps, spec, mix_after_norm)
-
-
-def _noncontig(t, layout):
-    if layout == "transposed":
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    wide = torch.zeros(t.shape[:-1] + (t.shape[-1] + 5,), dtype=t.dtype, device=t.device)
-    wide[..., 2:2 + t.shape[-1]] = t
-    return wide[..., 2:2 + t.shape[-1]]
-
-
-def make_inputs(B, N, D, *, has_res, has_w, has_b, seed=0):
-    g = _gen(seed)
-    vals = {"x": torch.randn(B, N, D, generator=g) * 2 + 0.5,
-            "residual": torch.randn(B, N, D, generator=g) if has_res else None,
-            "weight": 1 + 0.5 * torch.randn(D, generator=g) if has_w else None,
-            "bias": 0.3 * torch.randn(D, generator=g) if has_b else None,
-            "g_normed": torch.randn(B, N, D, generator=g),
-            "g_residual": torch.randn(B, N, D, generator=g)}
-
-    def leaves(dt, contiguous=True):
-        out = {}
-        for name in ("x", "residual", "weight", "bias"):
-            v = vals[name]
-            if v is None:
-                out[name] = None
-                continue
-            t = v.to(device=DEVICE, dtype=dt)
-            if not contiguous and name in ("x", "residual"):
-                t = _noncontig(t, "transposed" if name == "x" else "sliced")
-                assert not t.is_contiguous()
-            out[name] = t.requires_grad_()
-        return out
-
-    return vals, leaves
-
-
-def check(out, ref64, ref_same, atol, what):
-    """max|out - ref64| <= 2 * max|ref_same - ref64| + atol."""
-    assert out.shape == ref64.shape, what
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_same.double() - ref64).abs().max().item()
-    assert math.isfinite(err), f"{what}: non-finite output"
-    assert err <= 2 * ref_err + atol, f"{what}: max|out - ref64| = {err:.3g} > 2 * {ref_err:.3g} + {atol:g}"
-
-
-def reference_call(t, *, cfg, prefix, grid, mix_after_norm, eps=1e-6):
-    k = mixed_k(t["x"].shape[0], t["x"].shape[1], cfg.axis, prefix, grid)
-    M = quality.mixing_matrix("dense", k, matrix=cfg.matrix).to(DEVICE) if cfg.kind == "dense" else None
-    if not cfg.straight_through:
-        return reference.mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], eps, kind=cfg.kind,
-                                           axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix, grid=grid,
-                                           mix_after_norm=mix_after_norm)
-    s = t["x"] if t["residual"] is None else t["x"] + t["residual"]
-
-    def mix(v):
-        return reference.linear_transform_noise(v, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix,
-                                                grid=grid, straight_through=True)
-    if mix_after_norm:
-        return mix(reference.layer_norm(s, t["weight"], t["bias"], eps)), s
-    r = mix(s)
-    return reference.layer_norm(r, t["weight"], t["bias"], eps), r
-
-
-def _grads(t, outs, vals, use=("normed", "residual_out")):
-    dt = outs[0].dtype
-    loss = 0
-    if "normed" in use:
-        loss = loss + (outs[0] * vals["g_normed"].to(device=DEVICE, dtype=dt)).sum()
-    if "residual_out" in use:
-        loss = loss + (outs[1] * vals["g_residual"].to(device=DEVICE, dtype=dt)).sum()
-    names = [n for n in ("x", "residual", "weight", "bias") if t[n] is not None]
-    grads = torch.autograd.grad(loss, [t[n] for n in names], allow_unused=True)
-    return {n: torch.zeros_like(t[n]) if g is None else g for n, g in zip(names, grads)}
-
-
-def run_case(B, N, D, prefix, kind, axis, mix_after_norm, dtype, *, has_res=True, has_w=True, has_b=True,
-             grid=None, noncontig=False, alpha=ALPHA, straight_through=False, use=("normed", "residual_out"),
-             seed=0):
-    n = N - prefix
-    if axis == "rows" and grid is None:
-        grid = (math.isqrt(n), math.isqrt(n))
-    k = mixed_k(B, N, axis, prefix, grid)
-    cfg = NoiseConfig(kind=kind, axis=axis, alpha=alpha, matrix=dense_q(k, seed) if kind == "dense" else None,
-                      allow_batch_dependence=True, straight_through=straight_through)
-    vals, leaves = make_inputs(B, N, D, has_res=has_res, has_w=has_w, has_b=has_b, seed=seed)
-    atol = ATOL[dtype]
-    t = leaves(dtype, contiguous=not noncontig)
-    outs = fused(t["x"], t["residual"], t["weight"], t["bias"], 1e-6, mix=cfg, prefix_tokens=prefix,
-                 grid=grid if axis == "rows" else None, mix_after_norm=mix_after_norm)
-    assert outs[0].dtype == dtype and outs[1].dtype == dtype and outs[0].device.type == "cuda"
-    t64, ts = leaves(torch.float64), leaves(dtype)
-    ref64 = reference_call(t64, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
-    refs = reference_call(ts, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
-    for name, o, r64, rs in zip(("normed", "residual_out"), outs, ref64, refs):
-        check(o, r64, rs, atol, name)
-    g = _grads(t, outs, vals, use)
-    g64, gs = _grads(t64, ref64, vals, use), _grads(ts, refs, vals, use)
-    assert set(g) == set(g64)
-    for name in g:
-        assert g[name].dtype == t[name].dtype and g[name].shape == t[name].shape
-        check(g[name], g64[name], gs[name], atol, f"d{name}")
+ORACLE = Oracle(cuda_op.launch, "cuda")
+fused, make_inputs, run_case = ORACLE.fused, ORACLE.make_inputs, ORACLE.run_case
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""The fp64 oracle shared by the compiled kernels' tests (tests/test_cpu_mix_add_layernorm.py,
+tests/test_cuda_mix_add_layernorm.py): inputs, the reference call, the tolerance rule and ``run_case``.
+
+Tolerance (flash-attention's rule, not loosened): with ``ref64`` the reference on float64 copies of the
+inputs and ``ref_same`` the reference run in the kernel's dtype on the kernel's device,
+``max|ours - ref64| <= 2 * max|ref_same - ref64| + atol``, atol = 1e-5 (fp32), 1e-3 (fp16), 1e-2 (bf16).
+The same rule is applied to every gradient (dx, dresidual, dweight, dbias), taken by autograd through
+both outputs with random upstream gradients.
+
+A test module makes one :class:`Oracle` for its backend's ``launch`` and device and uses its methods.
+"""
+
+import math
+
+import torch
+
+from noisynn_kernels import NoiseConfig, quality, reference
+from noisynn_kernels.functional import check_mix_add_layernorm
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+KINDS = ("identity", "shift", "optimal", "dense")
+AXES = ("tokens", "rows", "batch")
+ALPHA = 0.3
+
+def gen(seed):
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)
+
+
+def dense_q(k, seed=0):
+    """A dense Q whose M = I + Q is strictly diagonally dominant (invertible, row-dominant)."""
+    return (torch.rand(k, k, generator=gen(1000 + k + seed), dtype=torch.float64) * 2 - 1) * (0.4 / k)
+
+
+def mixed_k(B, N, axis, prefix, grid):
+    if axis == "rows":
+        return grid[0]
+    return N - prefix if axis == "tokens" else B
+
+
+def _noncontig(t, layout):
+    if layout == "transposed":
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    wide = torch.zeros(t.shape[:-1] + (t.shape[-1] + 5,), dtype=t.dtype, device=t.device)
+    wide[..., 2:2 + t.shape[-1]] = t
+    return wide[..., 2:2 + t.shape[-1]]
+
+
+def check(out, ref64, ref_same, atol, what):
+    """max|out - ref64| <= 2 * max|ref_same - ref64| + atol."""
+    assert out.shape == ref64.shape, what
+    err = (out.double() - ref64).abs().max().item()
+    ref_err = (ref_same.double() - ref64).abs().max().item()
+    assert math.isfinite(err), f"{what}: non-finite output"
+    assert err <= 2 * ref_err + atol, f"{what}: max|out - ref64| = {err:.3g} > 2 * {ref_err:.3g} + {atol:g}"
+
+
+class Oracle:
+    """The helpers bound to one backend: ``launch`` (an ``ops.*_mix_add_layernorm.launch``) and the device its
+    tensors live on."""
+
+    def __init__(self, launch, device):
+        self.launch, self.device = launch, device
+
+    def fused(self, x, residual, weight, bias, eps=1e-6, *, mix=None, prefix_tokens=0, grid=None,
+              mix_after_norm=False):
+        """The backend under test behind the package's own argument checks: ``(normed, residual_out)``."""
+        spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
+        return self.launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+
+    def make_inputs(self, B, N, D, *, has_res, has_w, has_b, seed=0):
+        """``(vals, leaves)``: fp32 values on the CPU and ``leaves(dtype, contiguous=True)``, the leaf tensors
+        (x, residual, weight, bias; requiring grad) in ``dtype`` on the device."""
+        g = gen(seed)
+        vals = {"x": torch.randn(B, N, D, generator=g) * 2 + 0.5,
+                "residual": torch.randn(B, N, D, generator=g) if has_res else None,
+                "weight": 1 + 0.5 * torch.randn(D, generator=g) if has_w else None,
+                "bias": 0.3 * torch.randn(D, generator=g) if has_b else None,
+                "g_normed": torch.randn(B, N, D, generator=g),
+                "g_residual": torch.randn(B, N, D, generator=g)}
+
+        def leaves(dt, contiguous=True):
+            out = {}
+            for name in ("x", "residual", "weight", "bias"):
+                v = vals[name]
+                if v is None:
+                    out[name] = None
+                    continue
+                t = v.to(device=self.device, dtype=dt)
+                if not contiguous and name in ("x", "residual"):
+                    t = _noncontig(t, "transposed" if name == "x" else "sliced")
+                    assert not t.is_contiguous()
+                out[name] = t.requires_grad_()
+            return out
+
+        return vals, leaves
+
+    def reference_call(self, t, *, cfg, prefix, grid, mix_after_norm, eps=1e-6):
+        k = mixed_k(t["x"].shape[0], t["x"].shape[1], cfg.axis, prefix, grid)
+        M = quality.mixing_matrix("dense", k, matrix=cfg.matrix).to(self.device) if cfg.kind == "dense" else None
+        if not cfg.straight_through:
+            return reference.mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], eps, kind=cfg.kind,
+                                               axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix, grid=grid,
+                                               mix_after_norm=mix_after_norm)
+        s = t["x"] if t["residual"] is None else t["x"] + t["residual"]
+
+        def mix(v):
+            return reference.linear_transform_noise(v, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, M=M,
+                                                    prefix_tokens=prefix, grid=grid, straight_through=True)
+        if mix_after_norm:
+            return mix(reference.layer_norm(s, t["weight"], t["bias"], eps)), s
+        r = mix(s)
+        return reference.layer_norm(r, t["weight"], t["bias"], eps), r
+
+    def grads(self, t, outs, vals, use=("normed", "residual_out")):
+        """Gradients of the leaves ``t`` through the outputs in ``use``, with the fixed upstream gradients."""
+        dt = outs[0].dtype
+        loss = 0
+        if "normed" in use:
+            loss = loss + (outs[0] * vals["g_normed"].to(device=self.device, dtype=dt)).sum()
+        if "residual_out" in use:
+            loss = loss + (outs[1] * vals["g_residual"].to(device=self.device, dtype=dt)).sum()
+        names = [n for n in ("x", "residual", "weight", "bias") if t[n] is not None]
+        grads = torch.autograd.grad(loss, [t[n] for n in names], allow_unused=True)
+        return {n: torch.zeros_like(t[n]) if g is None else g for n, g in zip(names, grads)}
+
+    def run_case(self, B, N, D, prefix, kind, axis, mix_after_norm, dtype, *, has_res=True, has_w=True,
+                 has_b=True, grid=None, noncontig=False, alpha=ALPHA, straight_through=False,
+                 use=("normed", "residual_out"), seed=0):
+        """One case: outputs and every gradient against the fp64 reference, by the tolerance rule above."""
+        n = N - prefix
+        if axis == "rows" and grid is None:
+            grid = (math.isqrt(n), math.isqrt(n))
+        k = mixed_k(B, N, axis, prefix, grid)
+        cfg = NoiseConfig(kind=kind, axis=axis, alpha=alpha, matrix=dense_q(k, seed) if kind == "dense" else None,
+                          allow_batch_dependence=True, straight_through=straight_through)
+        vals, leaves = self.make_inputs(B, N, D, has_res=has_res, has_w=has_w, has_b=has_b, seed=seed)
+        atol = ATOL[dtype]
+        t = leaves(dtype, contiguous=not noncontig)
+        outs = self.fused(t["x"], t["residual"], t["weight"], t["bias"], 1e-6, mix=cfg, prefix_tokens=prefix,
+                          grid=grid if axis == "rows" else None, mix_after_norm=mix_after_norm)
+        assert outs[0].dtype == dtype and outs[1].dtype == dtype
+        assert outs[0].device.type == outs[1].device.type == torch.device(self.device).type
+        t64, ts = leaves(torch.float64), leaves(dtype)
+        ref64 = self.reference_call(t64, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
+        refs = self.reference_call(ts, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
+        for name, o, r64, rs in zip(("normed", "residual_out"), outs, ref64, refs):
+            check(o, r64, rs, atol, name)
+        g = self.grads(t, outs, vals, use)
+        g64, gs = self.grads(t64, ref64, vals, use), self.grads(ts, refs, vals, use)
+        assert set(g) == set(g64)
+        for name in g:
+            assert g[name].dtype == t[name].dtype and g[name].shape == t[name].shape
+            check(g[name], g64[name], gs[name], atol, f"d{name}")
