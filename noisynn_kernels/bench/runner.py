@@ -188,7 +188,8 @@ def copy_bandwidth_gbps(device, nbytes: int = 1 << 29, iters: int = 20) -> float
 def op_competitors(opts: BenchOptions, device, dtype, kind: str, axis: str, mode: str, shape=None):
     """The op benchmark's competitors as zero-argument callables (``eager``, ``noisynn``, ``layernorm``,
     and ``compiled`` when ``opts.compile``) over one set of inputs of ``shape`` (default
-    ``opts.op_shape``), and the row's configuration fields."""
+    ``opts.op_shape``), and the row's configuration fields.  Each callable's ``compute`` attribute
+    returns the competitor's output instead of timing it."""
     B, N, D = opts.op_shape if shape is None else shape
     prefix = 1
     gh = int((N - prefix) ** 0.5)
@@ -219,10 +220,13 @@ def op_competitors(opts: BenchOptions, device, dtype, kind: str, axis: str, mode
         return F.layer_norm(x + res, (D,), w, b, 1e-6)
 
     def call(fn: Callable) -> Callable:
+        """The timed callable (returns nothing); ``.compute`` is ``fn`` itself, returning the output, so
+        callers (tests) can check that every competitor computes the same thing."""
         if not backward:
             def run():
                 with torch.no_grad():
                     fn()
+            run.compute = fn
             return run
 
         def run_bwd():
@@ -230,6 +234,7 @@ def op_competitors(opts: BenchOptions, device, dtype, kind: str, axis: str, mode
             out.backward(gy)
             for t in (x, res, w, b):
                 t.grad = None
+        run_bwd.compute = fn
         return run_bwd
 
     fns = {"eager": call(eager), "noisynn": call(ours), "layernorm": call(layernorm)}
