@@ -1,5 +1,6 @@
-"""The fp64 oracle shared by the compiled kernels' tests (tests/test_cpu_mix_add_layernorm.py,
-tests/test_cuda_mix_add_layernorm.py): inputs, the reference call, the tolerance rule and ``run_case``.
+"""The fp64 oracle shared by the fused kernels' tests (tests/test_cpu_mix_add_layernorm.py,
+tests/test_cuda_mix_add_layernorm.py, tests/test_triton_mix_add_layernorm.py): inputs, the reference call,
+the tolerance rule and ``run_case``.
 
 Tolerance (flash-attention's rule, not loosened): with ``ref64`` the reference on float64 copies of the
 inputs and ``ref_same`` the reference run in the kernel's dtype on the kernel's device,
@@ -56,11 +57,12 @@ def check(out, ref64, ref_same, atol, what):
 
 
 class Oracle:
-    """The helpers bound to one backend: ``launch`` (an ``ops.*_mix_add_layernorm.launch``) and the device its
-    tensors live on."""
+    """The helpers bound to one backend: ``launch`` (an ``ops.*_mix_add_layernorm.launch``), the device its
+    tensors live on, and the device the references run on (default: the same)."""
 
-    def __init__(self, launch, device):
+    def __init__(self, launch, device, reference_device=None):
         self.launch, self.device = launch, device
+        self.reference_device = device if reference_device is None else reference_device
 
     def fused(self, x, residual, weight, bias, eps=1e-6, *, mix=None, prefix_tokens=0, grid=None,
               mix_after_norm=False):
@@ -69,8 +71,9 @@ class Oracle:
         return self.launch(x, residual, weight, bias, eps, spec, mix_after_norm)
 
     def make_inputs(self, B, N, D, *, has_res, has_w, has_b, seed=0):
-        """``(vals, leaves)``: fp32 values on the CPU and ``leaves(dtype, contiguous=True)``, the leaf tensors
-        (x, residual, weight, bias; requiring grad) in ``dtype`` on the device."""
+        """``(vals, leaves)``: fp32 values on the CPU and ``leaves(dtype, device=None, contiguous=True)``, the
+        leaf tensors (x, residual, weight, bias; requiring grad) in ``dtype`` on ``device`` (default: the
+        backend's)."""
         g = gen(seed)
         vals = {"x": torch.randn(B, N, D, generator=g) * 2 + 0.5,
                 "residual": torch.randn(B, N, D, generator=g) if has_res else None,
@@ -79,14 +82,15 @@ class Oracle:
                 "g_normed": torch.randn(B, N, D, generator=g),
                 "g_residual": torch.randn(B, N, D, generator=g)}
 
-        def leaves(dt, contiguous=True):
+        def leaves(dt, device=None, contiguous=True):
+            device = self.device if device is None else device
             out = {}
             for name in ("x", "residual", "weight", "bias"):
                 v = vals[name]
                 if v is None:
                     out[name] = None
                     continue
-                t = v.to(device=self.device, dtype=dt)
+                t = v.to(device=device, dtype=dt)
                 if not contiguous and name in ("x", "residual"):
                     t = _noncontig(t, "transposed" if name == "x" else "sliced")
                     assert not t.is_contiguous()
@@ -97,7 +101,7 @@ class Oracle:
 
     def reference_call(self, t, *, cfg, prefix, grid, mix_after_norm, eps=1e-6):
         k = mixed_k(t["x"].shape[0], t["x"].shape[1], cfg.axis, prefix, grid)
-        M = quality.mixing_matrix("dense", k, matrix=cfg.matrix).to(self.device) if cfg.kind == "dense" else None
+        M = quality.mixing_matrix("dense", k, matrix=cfg.matrix).to(t["x"].device) if cfg.kind == "dense" else None
         if not cfg.straight_through:
             return reference.mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], eps, kind=cfg.kind,
                                                axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix, grid=grid,
@@ -114,20 +118,21 @@ class Oracle:
 
     def grads(self, t, outs, vals, use=("normed", "residual_out")):
         """Gradients of the leaves ``t`` through the outputs in ``use``, with the fixed upstream gradients."""
-        dt = outs[0].dtype
+        dt, dev = outs[0].dtype, outs[0].device
         loss = 0
         if "normed" in use:
-            loss = loss + (outs[0] * vals["g_normed"].to(device=self.device, dtype=dt)).sum()
+            loss = loss + (outs[0] * vals["g_normed"].to(device=dev, dtype=dt)).sum()
         if "residual_out" in use:
-            loss = loss + (outs[1] * vals["g_residual"].to(device=self.device, dtype=dt)).sum()
+            loss = loss + (outs[1] * vals["g_residual"].to(device=dev, dtype=dt)).sum()
         names = [n for n in ("x", "residual", "weight", "bias") if t[n] is not None]
         grads = torch.autograd.grad(loss, [t[n] for n in names], allow_unused=True)
         return {n: torch.zeros_like(t[n]) if g is None else g for n, g in zip(names, grads)}
 
     def run_case(self, B, N, D, prefix, kind, axis, mix_after_norm, dtype, *, has_res=True, has_w=True,
                  has_b=True, grid=None, noncontig=False, alpha=ALPHA, straight_through=False,
-                 use=("normed", "residual_out"), seed=0):
-        """One case: outputs and every gradient against the fp64 reference, by the tolerance rule above."""
+                 use=("normed", "residual_out"), seed=0, backward=True):
+        """One case: outputs and (``backward``) every gradient against the fp64 reference, by the tolerance
+        rule above."""
         n = N - prefix
         if axis == "rows" and grid is None:
             grid = (math.isqrt(n), math.isqrt(n))
@@ -141,14 +146,16 @@ class Oracle:
                           grid=grid if axis == "rows" else None, mix_after_norm=mix_after_norm)
         assert outs[0].dtype == dtype and outs[1].dtype == dtype
         assert outs[0].device.type == outs[1].device.type == torch.device(self.device).type
-        t64, ts = leaves(torch.float64), leaves(dtype)
+        t64, ts = leaves(torch.float64, self.reference_device), leaves(dtype, self.reference_device)
         ref64 = self.reference_call(t64, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
         refs = self.reference_call(ts, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
         for name, o, r64, rs in zip(("normed", "residual_out"), outs, ref64, refs):
-            check(o, r64, rs, atol, name)
+            check(o.to(r64.device), r64, rs, atol, name)
+        if not backward:
+            return
         g = self.grads(t, outs, vals, use)
         g64, gs = self.grads(t64, ref64, vals, use), self.grads(ts, refs, vals, use)
         assert set(g) == set(g64)
         for name in g:
             assert g[name].dtype == t[name].dtype and g[name].shape == t[name].shape
-            check(g[name], g64[name], gs[name], atol, f"d{name}")
+            check(g[name].to(g64[name].device), g64[name], gs[name], atol, f"d{name}")

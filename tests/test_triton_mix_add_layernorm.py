@@ -20,7 +20,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
 
 import itertools  # noqa: E402
-import math  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -34,10 +33,8 @@ if DEVICE == "cpu" and not mal.INTERPRETED:
     raise RuntimeError("noisynn_kernels.ops.mix_add_layernorm was imported before TRITON_INTERPRET=1 was set, so its "
                        "kernels cannot run on CPU; set TRITON_INTERPRET=1 before anything imports it")
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-KINDS = ("identity", "shift", "optimal", "dense")
-AXES = ("tokens", "rows", "batch")
-ALPHA = 0.3
+from _oracle import ALPHA, AXES, KINDS, Oracle, dense_q, gen as _gen, mixed_k  # noqa: E402
+
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -46,134 +43,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # helpers
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def dense_q(k, seed=0):
-    """A dense Q whose M = I + Q is strictly diagonally dominant (invertible, row-dominant)."""
-    return (torch.rand(k, k, generator=_gen(1000 + k + seed), dtype=torch.float64) * 2 - 1) * (0.4 / k)
-
-
-def mixed_k(B, N, axis, prefix, grid):
-    if axis == "rows":
-        return grid[0]
-    return N - prefix if axis == "tokens" else B
-
-
 def make_config(kind, axis, k, *, alpha=ALPHA, seed=0, **kw):
     Q = dense_q(k, seed) if kind == "dense" else None
     return NoiseConfig(kind=kind, axis=axis, alpha=alpha, matrix=Q, allow_batch_dependence=True, **kw)
 
 
-def _noncontig(t, layout):
-    """The same values as ``t`` (B, N, D) in a non-contiguous tensor."""
-    if layout == "transposed":
-        return t.transpose(0, 1).contiguous().transpose(0, 1)
-    wide = torch.zeros(t.shape[:-1] + (t.shape[-1] + 5,), dtype=t.dtype, device=t.device)
-    wide[..., 2:2 + t.shape[-1]] = t
-    return wide[..., 2:2 + t.shape[-1]]
-
-
-def make_inputs(B, N, D, dtype, *, has_res, has_w, has_b, seed=0):
-    """fp32 master values drawn on CPU; ``leaves(dtype)`` gives fresh leaf tensors of one dtype."""
-    g = _gen(seed)
-    vals = {"x": torch.randn(B, N, D, generator=g) * 2 + 0.5,
-            "residual": torch.randn(B, N, D, generator=g) if has_res else None,
-            "weight": 1 + 0.5 * torch.randn(D, generator=g) if has_w else None,
-            "bias": 0.3 * torch.randn(D, generator=g) if has_b else None,
-            "g_normed": torch.randn(B, N, D, generator=g),
-            "g_residual": torch.randn(B, N, D, generator=g)}
-
-    def leaves(dt, device=DEVICE, contiguous=True):
-        out = {}
-        for name in ("x", "residual", "weight", "bias"):
-            v = vals[name]
-            if v is None:
-                out[name] = None
-                continue
-            t = v.to(device=device, dtype=dt)
-            if not contiguous and name in ("x", "residual"):
-                t = _noncontig(t, "transposed" if name == "x" else "sliced")
-                assert not t.is_contiguous()
-            out[name] = t.requires_grad_()
-        return out
-
-    return vals, leaves
-
-
-def check(out, ref64, ref_same, atol, what):
-    """flash-attention's rule: max|out - ref64| <= 2 * max|ref_same - ref64| + atol."""
-    assert out.shape == ref64.shape, what
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_same.double() - ref64).abs().max().item()
-    assert math.isfinite(err), f"{what}: non-finite output"
-    assert err <= 2 * ref_err + atol, f"{what}: max|out - ref64| = {err:.3g} > 2 * {ref_err:.3g} + {atol:g}"
-
-
-def reference_call(t, *, cfg, prefix, grid, mix_after_norm, eps=1e-6):
-    """The oracle on tensors ``t`` (a dict of leaves); straight-through assembled from reference parts."""
-    M = None
-    k = mixed_k(t["x"].shape[0], t["x"].shape[1], cfg.axis, prefix, grid)
-    if cfg.kind == "dense":
-        M = quality.mixing_matrix("dense", k, matrix=cfg.matrix)
-    if not cfg.straight_through:
-        return reference.mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], eps, kind=cfg.kind,
-                                           axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix, grid=grid,
-                                           mix_after_norm=mix_after_norm)
-    s = t["x"] if t["residual"] is None else t["x"] + t["residual"]
-
-    def mix(v):
-        return reference.linear_transform_noise(v, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix,
-                                                grid=grid, straight_through=True)
-    if mix_after_norm:
-        return mix(reference.layer_norm(s, t["weight"], t["bias"], eps)), s
-    r = mix(s)
-    return reference.layer_norm(r, t["weight"], t["bias"], eps), r
-
-
-def _grads(t, outs, vals, use=("normed", "residual_out")):
-    dt, dev = outs[0].dtype, outs[0].device
-    loss = 0
-    if "normed" in use:
-        loss = loss + (outs[0] * vals["g_normed"].to(device=dev, dtype=dt)).sum()
-    if "residual_out" in use:
-        loss = loss + (outs[1] * vals["g_residual"].to(device=dev, dtype=dt)).sum()
-    names = [n for n in ("x", "residual", "weight", "bias") if t[n] is not None]
-    grads = torch.autograd.grad(loss, [t[n] for n in names], allow_unused=True)
-    # an input that does not reach the used outputs (weight / bias of normed) has a zero gradient
-    return {n: torch.zeros_like(t[n]) if g is None else g for n, g in zip(names, grads)}
-
-
-def run_case(B, N, D, prefix, kind, axis, mix_after_norm, dtype, *, has_res=True, has_w=True, has_b=True,
-             grid=None, noncontig=False, alpha=ALPHA, straight_through=False, use=("normed", "residual_out"),
-             seed=0, backward=True):
-    n = N - prefix
-    if axis == "rows" and grid is None:
-        grid = (math.isqrt(n), math.isqrt(n))
-    k = mixed_k(B, N, axis, prefix, grid)
-    cfg = make_config(kind, axis, k, alpha=alpha, seed=seed, straight_through=straight_through)
-    vals, leaves = make_inputs(B, N, D, dtype, has_res=has_res, has_w=has_w, has_b=has_b,
-                               seed=seed)
-    atol = ATOL[dtype]
-    t = leaves(dtype, contiguous=not noncontig)
-    outs = mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], 1e-6, mix=cfg, prefix_tokens=prefix,
-                             grid=grid if axis == "rows" else None, mix_after_norm=mix_after_norm)
-    assert outs[0].dtype == dtype and outs[1].dtype == dtype
-    # references on CPU (fp16 included), in float64 and in the kernel's dtype
-    t64, ts = leaves(torch.float64, "cpu"), leaves(dtype, "cpu")
-    ref64 = reference_call(t64, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
-    refs = reference_call(ts, cfg=cfg, prefix=prefix, grid=grid, mix_after_norm=mix_after_norm)
-    for name, o, r64, rs in zip(("normed", "residual_out"), outs, ref64, refs):
-        check(o.cpu(), r64, rs, atol, f"{name}")
-    if not backward:
-        return
-    g = _grads(t, outs, vals, use)
-    g64, gs = _grads(t64, ref64, vals, use), _grads(ts, refs, vals, use)
-    assert set(g) == set(g64)
-    for name in g:
-        assert g[name].dtype == t[name].dtype and g[name].shape == t[name].shape
-        check(g[name].cpu(), g64[name], gs[name], atol, f"d{name}")
+# the references run on CPU (fp16 included), also when the kernels run on a GPU
+ORACLE = Oracle(mal.launch, DEVICE, reference_device="cpu")
+run_case, make_inputs = ORACLE.run_case, ORACLE.make_inputs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,7 +120,7 @@ def test_one_output_used(use, kind, mix_after_norm):
 
 def test_no_mix_is_residual_layernorm():
     """mix=None: plain fused residual add + LayerNorm; equal to torch's layer_norm."""
-    vals, leaves = make_inputs(2, 9, 123, torch.float32, has_res=True, has_w=True, has_b=True)
+    vals, leaves = make_inputs(2, 9, 123, has_res=True, has_w=True, has_b=True)
     t = leaves(torch.float32)
     normed, res_out = mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], 1e-5)
     s = t["x"] + t["residual"]
@@ -253,7 +130,7 @@ def test_no_mix_is_residual_layernorm():
 
 
 def test_prefix_tokens_are_added_and_normalized_but_not_mixed():
-    vals, leaves = make_inputs(2, 5 + 16, 123, torch.float32, has_res=True, has_w=False, has_b=False)
+    vals, leaves = make_inputs(2, 5 + 16, 123, has_res=True, has_w=False, has_b=False)
     t = leaves(torch.float32)
     cfg = make_config("optimal", "tokens", 16)
     normed, res_out = mix_add_layernorm(t["x"], t["residual"], mix=cfg, prefix_tokens=5)
@@ -392,7 +269,7 @@ COMPILE_CASES = [("optimal", "tokens", False), ("shift", "rows", True), ("dense"
 def _compile_setup(kind, axis, mix_after_norm, dtype):
     B, N, D, prefix = 3, 1 + 16, 192, 1
     cfg = make_config(kind, axis, mixed_k(B, N, axis, prefix, (4, 4)))
-    vals, leaves = make_inputs(B, N, D, dtype, has_res=True, has_w=True, has_b=True)
+    vals, leaves = make_inputs(B, N, D, has_res=True, has_w=True, has_b=True)
 
     def f(x, residual, weight, bias):
         return mix_add_layernorm(x, residual, weight, bias, mix=cfg, prefix_tokens=prefix,
@@ -421,7 +298,7 @@ def test_dynamo_keeps_the_op(kind, axis, mix_after_norm):
     assert torch.ops.noisynn.mix_add_layernorm_fwd.default in targets, "the compiled graph bypassed the op"
     for e, c in zip(eager, comp):
         torch.testing.assert_close(c, e)
-    ge, gc = _grads(t_eager, eager, vals), _grads(t_comp, comp, vals)
+    ge, gc = ORACLE.grads(t_eager, eager, vals), ORACLE.grads(t_comp, comp, vals)
     for name in ge:
         torch.testing.assert_close(gc[name], ge[name])
 
@@ -438,6 +315,6 @@ def test_torch_compile(kind, axis, mix_after_norm):
     comp = torch.compile(f, fullgraph=True)(t_comp["x"], t_comp["residual"], t_comp["weight"], t_comp["bias"])
     for e, c in zip(eager, comp):
         torch.testing.assert_close(c, e, atol=1e-3, rtol=1e-3)
-    ge, gc = _grads(t_eager, eager, vals), _grads(t_comp, comp, vals)
+    ge, gc = ORACLE.grads(t_eager, eager, vals), ORACLE.grads(t_comp, comp, vals)
     for name in ge:
         torch.testing.assert_close(gc[name], ge[name], atol=1e-2, rtol=1e-3)
