@@ -14,20 +14,11 @@ from noisynn_kernels import functional as F
 from noisynn_kernels import quality
 from noisynn_kernels.errors import ConfigError, NoisyNNError, QualityMatrixError, ShapeError
 
+from _oracle import dense_q, gen as _gen
+
 KINDS = ("identity", "shift", "optimal", "dense")
 AXES = ("batch", "tokens", "rows")
 ALPHA = 0.3
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def dense_q(k, seed=0):
-    """A dense quality matrix Q whose M = I + Q is strictly diagonally dominant (so invertible and
-    row-dominant): |Q[i, j]| <= 0.4 / k off and on the diagonal."""
-    g = _gen(1000 + k + seed)
-    return (torch.rand(k, k, generator=g, dtype=torch.float64) * 2 - 1) * (0.4 / k)
 
 
 def _geometry(shape, axis, prefix, grid):

@@ -27,6 +27,8 @@ from noisynn_kernels.errors import (BackendUnavailableError, ConfigError, Qualit
 from noisynn_kernels.functional import noisy_attention  # noqa: E402
 from noisynn_kernels.ops import noisy_attention as na  # noqa: E402
 
+from _oracle import dense_q, gen as _gen, mixed_k  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not na.INTERPRETED:
     raise RuntimeError("noisynn_kernels.ops.noisy_attention was imported before TRITON_INTERPRET=1 was set, so its "
@@ -42,21 +44,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def dense_q(k, seed=0):
-    """A dense Q whose M = I + Q is strictly diagonally dominant (invertible, row-dominant)."""
-    return (torch.rand(k, k, generator=_gen(1000 + k + seed), dtype=torch.float64) * 2 - 1) * (0.4 / k)
-
-
-def mixed_k(B, N, axis, prefix, grid):
-    if axis == "rows":
-        return grid[0]
-    return N - prefix if axis == "tokens" else B
 
 
 def make_config(kind, axis, k, *, alpha=ALPHA, seed=0, **kw):
