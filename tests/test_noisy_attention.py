@@ -27,7 +27,7 @@ from noisynn_kernels.errors import (BackendUnavailableError, ConfigError, Qualit
 from noisynn_kernels.functional import noisy_attention  # noqa: E402
 from noisynn_kernels.ops import noisy_attention as na  # noqa: E402
 
-from _oracle import dense_q, gen as _gen, mixed_k  # noqa: E402
+from _oracle import check, dense_q, gen as _gen, mixed_k  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not na.INTERPRETED:
@@ -70,15 +70,6 @@ class Inputs:
         q, k, v = (self.qkv[:, :, i].transpose(1, 2).contiguous().to(device=device, dtype=dtype).requires_grad_()
                    for i in range(3))
         return [q, k, v], (q, k, v)
-
-
-def check(out, ref64, ref_same, atol, what):
-    """flash-attention's rule: max|out - ref64| <= 2 * max|ref_same - ref64| + atol."""
-    assert out.shape == ref64.shape, what
-    err = (out.double() - ref64).abs().max().item()
-    ref_err = (ref_same.double() - ref64).abs().max().item()
-    assert math.isfinite(err), f"{what}: non-finite output"
-    assert err <= 2 * ref_err + atol, f"{what}: max|out - ref64| = {err:.3g} > 2 * {ref_err:.3g} + {atol:g}"
 
 
 def oracle(qkv, cfg, prefix, grid, scale=None):

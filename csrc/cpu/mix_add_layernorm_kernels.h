@@ -46,19 +46,6 @@ inline float hsum8(F8 v) {  // pairwise: (0..3 + 4..7), then (0,1 + 2,3), then 0
   return (a0 + a2) + (a1 + a3);
 }
 
-inline float row_sum(const float* v, int64_t D) {
-  F8 a0 = {}, a1 = {};
-  int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    a0 += load8(v + d);
-    a1 += load8(v + d + W);
-  }
-  for (; d + W <= D; d += W) a0 += load8(v + d);
-  float s = hsum8(a0 + a1);
-  for (; d < D; ++d) s += v[d];
-  return s;
-}
-
 inline float row_sq_dev(const float* v, float mean, int64_t D) {
   F8 a0 = {}, a1 = {};
   int64_t d = 0;
@@ -113,7 +100,7 @@ inline void store_row(const float* __restrict__ src, T* __restrict__ dst, int64_
   }
 }
 
-// sum of (v - c) over a row
+// sum of (v - c) over a row (c = 0: the plain sum, exactly)
 inline float row_sum_minus(const float* v, float c, int64_t D) {
   F8 a0 = {}, a1 = {};
   int64_t d = 0;
@@ -384,7 +371,7 @@ void bwd_impl(const BwdArgs& A) {
       for (int64_t d = 0; d < D; ++d) g[d] *= wp[d];
     }
     const float c1 = row_dot(xhat, g, D) * invD;
-    const float c2 = row_sum(g, D) * invD;
+    const float c2 = row_sum_minus(g, 0.0f, D) * invD;
     if (drp) {
       const T* dr = drp + row * D;
       for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - (xhat[d] * c1 + c2)) * rs + static_cast<float>(dr[d]);
