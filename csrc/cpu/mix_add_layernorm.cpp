@@ -145,12 +145,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
   }
   const Tensor w = param_f32(weight, D, op, "weight");
   const Tensor b = param_f32(bias, D, op, "bias");
+  Tensor mean = at::empty({B * N}, x.options().dtype(at::kFloat));
+  Tensor rstd = at::empty({B * N}, x.options().dtype(at::kFloat));
   Tensor normed = at::empty({B, N, D}, x.options());
   Tensor rout = at::empty({B, N, D}, x.options());
   advise_hugepages(normed);
   advise_hugepages(rout);
-  Tensor mean = at::empty({B * N}, x.options().dtype(at::kFloat));
-  Tensor rstd = at::empty({B * N}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return {normed, rout, mean, rstd};
   const Tensor M = dense_matrix(op, mix_matrix, kind, cpu::group_size(B, N, prefix_tokens, axis, grid_w));
   cpu::FwdArgs a{};

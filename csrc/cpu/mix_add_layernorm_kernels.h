@@ -123,18 +123,19 @@ inline std::pair<float, float> row_stats(const float* v, int64_t D, float eps) {
   return {mean, 1.0f / std::sqrt(var + eps)};
 }
 
-// v <- (v - mean) * rstd * w + b in place (w, b optional).  (v - mean) first: a constant row
-// normalizes to exactly 0 (then b), as the reference does.
-inline void normalize_row(float* __restrict__ v, float mean, float rstd, const float* __restrict__ w,
-                          const float* __restrict__ b, int64_t D) {
+// dst <- (v - mean) * rstd * w + b (w, b optional), stored in dst's dtype; dst may be v itself.
+// (v - mean) first: a constant row normalizes to exactly 0 (then b), as the reference does.
+template <typename T>
+inline void normalize_store(const float* v, float mean, float rstd, const float* __restrict__ w,
+                            const float* __restrict__ b, T* dst, int64_t D) {
   if (w && b) {
-    for (int64_t d = 0; d < D; ++d) v[d] = (v[d] - mean) * rstd * w[d] + b[d];
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>((v[d] - mean) * rstd * w[d] + b[d]);
   } else if (w) {
-    for (int64_t d = 0; d < D; ++d) v[d] = (v[d] - mean) * rstd * w[d];
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>((v[d] - mean) * rstd * w[d]);
   } else if (b) {
-    for (int64_t d = 0; d < D; ++d) v[d] = (v[d] - mean) * rstd + b[d];
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>((v[d] - mean) * rstd + b[d]);
   } else {
-    for (int64_t d = 0; d < D; ++d) v[d] = (v[d] - mean) * rstd;
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>((v[d] - mean) * rstd);
   }
 }
 
@@ -292,8 +293,7 @@ void fwd_impl(const FwdArgs& A) {
       auto [mu, rs] = row_stats(v, D, eps);
       mp[row] = mu;
       sp[row] = rs;
-      normalize_row(v, mu, rs, wp, bp, D);
-      store_row(v, yp + row * D, D);
+      normalize_store(v, mu, rs, wp, bp, yp + row * D, D);  // straight into the output: no extra copy
     };
     run_rows(G, kind, alpha, mix, false, src, sink);
   } else {
@@ -306,7 +306,7 @@ void fwd_impl(const FwdArgs& A) {
         mp[row] = mu;
         sp[row] = rs;
       }
-      normalize_row(out, mu, rs, wp, bp, D);
+      normalize_store(out, mu, rs, wp, bp, out, D);
     };
     auto sink = [=](int64_t row, float* v, float*) { store_row(v, yp + row * D, D); };
     run_rows(G, kind, alpha, mix, false, src, sink);
