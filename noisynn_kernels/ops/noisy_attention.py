@@ -38,7 +38,6 @@ backward.  ``straight_through`` runs the mixed forward and an unmixed backward.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -46,16 +45,18 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .. import quality
-from ..errors import BackendUnavailableError, ConfigError, ShapeError
+from ..errors import BackendUnavailableError, ShapeError
 from ..triton import attention as kernels
+from ._fused_common import AXIS_CODES, KIND_CODES, dense_mix_matrix
 
 __all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "KIND_CODES", "AXIS_CODES", "MAX_HEAD_DIM"]
 
-KIND_CODES = {"identity": kernels.IDENTITY.value, "shift": kernels.SHIFT.value,
-              "optimal": kernels.OPTIMAL.value, "dense": kernels.DENSE.value}
-AXIS_CODES = {"tokens": kernels.AXIS_TOKENS.value, "rows": kernels.AXIS_ROWS.value,
-              "batch": kernels.AXIS_BATCH.value}
+# The kernels' constexpr codes are the op schema's (shared with the mix_add_layernorm ops).
+if (KIND_CODES != {"identity": kernels.IDENTITY.value, "shift": kernels.SHIFT.value,
+                   "optimal": kernels.OPTIMAL.value, "dense": kernels.DENSE.value}
+        or AXIS_CODES != {"tokens": kernels.AXIS_TOKENS.value, "rows": kernels.AXIS_ROWS.value,
+                          "batch": kernels.AXIS_BATCH.value}):
+    raise ImportError("noisynn_kernels.triton.attention's kind / axis codes differ from the op schema's")
 
 #: Largest head dim of the kernels (one block of the head dim per tile).
 MAX_HEAD_DIM = 128
@@ -329,18 +330,8 @@ def launch(q: Tensor, k: Tensor, v: Tensor, scale: float, spec) -> Tensor:
         raise BackendUnavailableError("Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got q of dtype "
                                       "torch.bfloat16, expected float16 or float32")
     cfg = spec.cfg
-    mix_matrix = None
-    if cfg.kind == "dense":
-        qm = cfg.matrix
-        if qm.requires_grad and torch.is_grad_enabled():
-            raise ConfigError("the dense quality matrix requires grad, but the fused op treats it as a constant "
-                              "(no gradient wrt Q); detach it, or use backend='reference' to learn Q")
-        mix_matrix = quality.mixing_matrix("dense", spec.k, matrix=qm).to(device=q.device, dtype=torch.float32)
-        if not torch.compiler.is_compiling() and not torch.isfinite(mix_matrix).all():
-            raise ConfigError("dense quality matrix has non-finite entries (in fp32); expected finite values")
+    mix_matrix = dense_mix_matrix(spec, q.device)
     grid_w = spec.grid[1] if spec.grid is not None else 1
-    if not math.isfinite(scale):
-        raise ConfigError(f"scale must be finite, got {scale!r}")
     y, _, _ = noisy_attention_fwd(q, k, v, float(scale), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis],
                                   float(cfg.alpha), mix_matrix, spec.prefix_tokens, grid_w,
                                   bool(cfg.straight_through))
