@@ -6,6 +6,7 @@
 // This file checks arguments, allocates outputs, picks the kernels' instruction set (cpu_isa()) and
 // registers the ops; the kernels are in mix_add_layernorm_kernels.h (interface: mix_add_layernorm.h).
 #include "mix_add_layernorm.h"
+#include "../op_checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -96,37 +97,6 @@ cpu::MixGeometry geometry(int64_t B, int64_t N, int64_t D, int64_t P, int64_t gr
                           M.defined() ? M.const_data_ptr<float>() : nullptr};
 }
 
-void check_common(const char* op, const Tensor& t, int64_t kind, int64_t axis, int64_t prefix_tokens, int64_t grid_w) {
-  TORCH_CHECK(t.dim() == 3, op, ": expected (B, N, D) tokens, got shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), op, ": expected CPU tensors, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-              op, ": expected float32, bfloat16 or float16, got ", t.scalar_type());
-  TORCH_CHECK(kind >= cpu::KIND_IDENTITY && kind <= cpu::KIND_DENSE, op, ": kind code must be 0..3, got ", kind);
-  TORCH_CHECK(axis >= cpu::AXIS_TOKENS && axis <= cpu::AXIS_BATCH, op, ": axis code must be 0..2, got ", axis);
-  const int64_t N = t.size(1);
-  TORCH_CHECK(prefix_tokens >= 0 && prefix_tokens < N, op, ": prefix_tokens must be in [0, N = ", N, "), got ",
-              prefix_tokens);
-  TORCH_CHECK(grid_w >= 1, op, ": grid_w must be >= 1, got ", grid_w);
-  if (axis == cpu::AXIS_ROWS && kind != cpu::KIND_IDENTITY) {
-    TORCH_CHECK((N - prefix_tokens) % grid_w == 0, op, ": grid_w = ", grid_w, " does not divide the ",
-                N - prefix_tokens, " patch tokens");
-  }
-}
-
-Tensor dense_matrix(const char* op, const std::optional<Tensor>& mix_matrix, int64_t kind, int64_t K) {
-  if (kind != cpu::KIND_DENSE) return Tensor();
-  TORCH_CHECK(mix_matrix.has_value() && mix_matrix->defined(), op, ": kind dense needs mix_matrix");
-  TORCH_CHECK(mix_matrix->dim() == 2 && mix_matrix->size(0) == K && mix_matrix->size(1) == K, op,
-              ": mix_matrix must be (", K, ", ", K, "), got ", mix_matrix->sizes());
-  return mix_matrix->to(at::kCPU, at::kFloat).contiguous();
-}
-
-Tensor param_f32(const std::optional<Tensor>& t, int64_t D, const char* op, const char* name) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == D, op, ": ", name, " must have shape (", D, "), got ", t->sizes());
-  return t->to(at::kCPU, at::kFloat).contiguous();
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
     const Tensor& x_in, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias, double eps, int64_t kind, int64_t axis, double alpha,
@@ -134,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
     bool straight_through) {
   (void)straight_through;  // only changes the backward (handled by the autograd formula)
   constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cpu";
-  check_common(op, x_in, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, x_in, c10::DeviceType::CPU, kind, axis, prefix_tokens, grid_w);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
   const Tensor x = x_in.contiguous();
   Tensor res;
@@ -143,8 +113,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
                 x_in.sizes());
     res = residual->to(x.scalar_type()).contiguous();
   }
-  const Tensor w = param_f32(weight, D, op, "weight");
-  const Tensor b = param_f32(bias, D, op, "bias");
+  const Tensor w = op_checks::param_f32(weight, D, op, "weight", at::kCPU);
+  const Tensor b = op_checks::param_f32(bias, D, op, "bias", at::kCPU);
   Tensor mean = at::empty({B * N}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({B * N}, x.options().dtype(at::kFloat));
   Tensor normed = at::empty({B, N, D}, x.options());
@@ -152,7 +122,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
   advise_hugepages(normed);
   advise_hugepages(rout);
   if (x.numel() == 0) return {normed, rout, mean, rstd};
-  const Tensor M = dense_matrix(op, mix_matrix, kind, cpu::group_size(B, N, prefix_tokens, axis, grid_w));
+  const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
+  const Tensor M = op_checks::dense_matrix(op, mix_matrix, kind, K, at::kCPU);
   cpu::FwdArgs a{};
   a.g = geometry(B, N, D, prefix_tokens, grid_w, kind, axis, alpha, M);
   a.dtype = x.scalar_type();
@@ -182,7 +153,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
     double alpha, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
     bool mix_after_norm) {
   constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cpu";
-  check_common(op, residual_out, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, residual_out, c10::DeviceType::CPU, kind, axis, prefix_tokens, grid_w);
   const int64_t B = residual_out.size(0), N = residual_out.size(1), D = residual_out.size(2);
   const auto dtype = residual_out.scalar_type();
   TORCH_CHECK(d_normed.sizes() == residual_out.sizes(), op, ": d_normed has shape ", d_normed.sizes(), ", expected ",
@@ -197,7 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
                 d_residual_out->sizes(), ", expected ", residual_out.sizes());
     dres = d_residual_out->to(dtype).contiguous();
   }
-  const Tensor w = param_f32(weight, D, op, "weight");
+  const Tensor w = op_checks::param_f32(weight, D, op, "weight", at::kCPU);
   const Tensor mu = mean.to(at::kFloat).contiguous();
   const Tensor rs = rstd.to(at::kFloat).contiguous();
   Tensor dx = at::empty({B, N, D}, residual_out.options());
@@ -207,7 +178,8 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
   Tensor dw_part = at::zeros({2 * n_parts, D}, residual_out.options().dtype(at::kFloat));
   Tensor db_part = at::zeros({2 * n_parts, D}, residual_out.options().dtype(at::kFloat));
   if (residual_out.numel() > 0) {
-    const Tensor M = dense_matrix(op, mix_matrix, kind, cpu::group_size(B, N, prefix_tokens, axis, grid_w));
+    const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
+  const Tensor M = op_checks::dense_matrix(op, mix_matrix, kind, K, at::kCPU);
     cpu::BwdArgs a{};
     a.g = geometry(B, N, D, prefix_tokens, grid_w, kind, axis, alpha, M);
     a.dtype = dtype;

@@ -34,11 +34,6 @@ struct MixGeometry {
   const float* mix;
 };
 
-// Rows of mixing group size K (what a dense matrix must match).
-inline int64_t group_size(int64_t B, int64_t N, int64_t P, int64_t axis, int64_t grid_w) {
-  return axis == AXIS_TOKENS ? N - P : axis == AXIS_ROWS ? (N - P) / grid_w : B;
-}
-
 // Forward.  x, res (nullptr: none): (B * N, D) of `dtype`; w, b: (D,) fp32 or nullptr.  Writes
 // normed, rout ((B * N, D) of `dtype`) and mean, rstd ((B * N,) fp32).
 struct FwdArgs {

@@ -14,60 +14,14 @@
 #include <tuple>
 
 #include "mix_add_layernorm.h"
+#include "../op_checks.h"
 
 namespace noisynn {
 namespace {
 
 using at::Tensor;
-using cuda::AXIS_BATCH;
-using cuda::AXIS_ROWS;
-using cuda::AXIS_TOKENS;
-using cuda::KIND_DENSE;
-using cuda::KIND_IDENTITY;
-
-void check_common(const char* op, const Tensor& t, int64_t kind, int64_t axis, int64_t prefix_tokens, int64_t grid_w) {
-  TORCH_CHECK(t.dim() == 3, op, ": expected (B, N, D) tokens, got shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cuda(), op, ": expected CUDA tensors, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-              op, ": expected float32, bfloat16 or float16, got ", t.scalar_type());
-  TORCH_CHECK(kind >= KIND_IDENTITY && kind <= KIND_DENSE, op, ": kind code must be 0..3, got ", kind);
-  TORCH_CHECK(axis >= AXIS_TOKENS && axis <= AXIS_BATCH, op, ": axis code must be 0..2, got ", axis);
-  const int64_t N = t.size(1);
-  TORCH_CHECK(prefix_tokens >= 0 && prefix_tokens < N, op, ": prefix_tokens must be in [0, N = ", N, "), got ",
-              prefix_tokens);
-  TORCH_CHECK(grid_w >= 1, op, ": grid_w must be >= 1, got ", grid_w);
-  if (axis == AXIS_ROWS && kind != KIND_IDENTITY) {
-    TORCH_CHECK((N - prefix_tokens) % grid_w == 0, op, ": grid_w = ", grid_w, " does not divide the ",
-                N - prefix_tokens, " patch tokens");
-  }
-}
-
-void check_same_device(const char* op, const Tensor& t, const char* name, const Tensor& like) {
-  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), ", expected ", like.device());
-}
-
-int64_t mixed_k(int64_t B, int64_t N, int64_t prefix_tokens, int64_t axis, int64_t grid_w) {
-  const int64_t n = N - prefix_tokens;
-  return axis == AXIS_TOKENS ? n : axis == AXIS_ROWS ? n / grid_w : B;
-}
-
-// The K x K fp32 mixing matrix on `device` (dense only; else undefined).
-Tensor dense_matrix(const char* op, const std::optional<Tensor>& mix_matrix, int64_t kind, int64_t K,
-                    const at::Device& device) {
-  if (kind != KIND_DENSE) return Tensor();
-  TORCH_CHECK(mix_matrix.has_value() && mix_matrix->defined(), op, ": kind dense needs mix_matrix");
-  TORCH_CHECK(mix_matrix->dim() == 2 && mix_matrix->size(0) == K && mix_matrix->size(1) == K, op,
-              ": mix_matrix must be (", K, ", ", K, "), got ", mix_matrix->sizes());
-  return mix_matrix->to(device, at::kFloat).contiguous();
-}
-
-// LayerNorm affine parameter as a contiguous fp32 (D,) tensor on `device` (undefined when absent).
-Tensor param_f32(const std::optional<Tensor>& t, int64_t D, const char* op, const char* name,
-                 const at::Device& device) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == D, op, ": ", name, " must have shape (", D, "), got ", t->sizes());
-  return t->to(device, at::kFloat).contiguous();
-}
+using op_checks::check_same_device;
+using op_checks::param_f32;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
     const Tensor& x_in, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
@@ -76,7 +30,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
     bool straight_through) {
   (void)straight_through;  // only changes the backward (handled by the autograd formula)
   constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cuda";
-  check_common(op, x_in, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, x_in, c10::DeviceType::CUDA, kind, axis, prefix_tokens, grid_w);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
   const Tensor x = x_in.contiguous();
@@ -94,9 +48,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
   Tensor mean = at::empty({B * N}, x.options().dtype(at::kFloat));
   Tensor rstd = at::empty({B * N}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return {normed, rout, mean, rstd};
-  const int64_t K = mixed_k(B, N, prefix_tokens, axis, grid_w);
+  const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
   const cuda::MixSpec spec{B, N, D, prefix_tokens, grid_w, kind, axis, static_cast<float>(alpha),
-                           dense_matrix(op, mix_matrix, kind, K, x.device())};
+                           op_checks::dense_matrix(op, mix_matrix, kind, K, x.device())};
   cuda::launch_fwd(x, res, w, b, static_cast<float>(eps), spec, mix_after_norm, normed, rout, mean, rstd);
   return {normed, rout, mean, rstd};
 }
@@ -107,7 +61,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cuda(
     double alpha, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
     bool mix_after_norm) {
   constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cuda";
-  check_common(op, residual_out, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, residual_out, c10::DeviceType::CUDA, kind, axis, prefix_tokens, grid_w);
   const c10::cuda::CUDAGuard guard(residual_out.device());
   const int64_t B = residual_out.size(0), N = residual_out.size(1), D = residual_out.size(2);
   const auto dtype = residual_out.scalar_type();
@@ -135,9 +89,9 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cuda(
   if (residual_out.numel() == 0) return {dx, at::zeros({D}, f32), at::zeros({D}, f32)};
   Tensor dw = at::empty({D}, f32);  // every element written by the kernels
   Tensor db = at::empty({D}, f32);
-  const int64_t K = mixed_k(B, N, prefix_tokens, axis, grid_w);
+  const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
   const cuda::MixSpec spec{B, N, D, prefix_tokens, grid_w, kind, axis, static_cast<float>(alpha),
-                           dense_matrix(op, mix_matrix, kind, K, r.device())};
+                           op_checks::dense_matrix(op, mix_matrix, kind, K, r.device())};
   cuda::launch_bwd(dy, dres, r, w, mu, rs, spec, mix_after_norm, dx, dw, db);
   return {dx, dw, db};
 }
