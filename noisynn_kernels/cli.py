@@ -17,26 +17,16 @@ __all__ = ["main"]
 
 
 def _noise_arg(text: str):
-    """``kind`` or ``kind:axis`` or ``key=value,key=value`` -> NoiseConfig."""
-    from .config import NoiseConfig
+    """``--noise`` of ``noisynn bench``: ``kind``, ``kind:axis``, ``key=value,...`` or JSON -> NoiseConfig, with
+    :func:`noisynn_kernels.train.parse_noise` (``default`` gives the bench's default; ``none`` is refused:
+    the benchmarks compare noisy paths)."""
+    from .train import parse_noise
 
-    if "=" in text:
-        fields = {}
-        for part in text.split(","):
-            key, _, value = part.partition("=")
-            value = value.strip()
-            for conv in (int, float):
-                try:
-                    value = conv(value)
-                    break
-                except ValueError:
-                    pass
-            if value in ("true", "false", "True", "False"):
-                value = value.lower() == "true"
-            fields[key.strip()] = value
-        return NoiseConfig.coerce(fields)
-    kind, _, axis = text.partition(":")
-    return NoiseConfig(kind=kind, **({"axis": axis} if axis else {}))
+    cfg = parse_noise(text)
+    if cfg is False:
+        raise argparse.ArgumentTypeError("--noise none: the benchmarks compare noisy paths; give a noise "
+                                         "(e.g. optimal:tokens) or leave --noise out for the default")
+    return cfg
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -157,3 +157,17 @@ def test_plots_and_table_show_gpu_bandwidth(tmp_path):
     assert "71%" in format_table(result) and "2000" in format_table(result)
     paths = write_plots(result, str(tmp_path))
     assert str(tmp_path / "bandwidth.png") in paths
+
+
+def test_bench_noise_option_forms():
+    """``noisynn bench --noise`` takes the forms ``noisynn train --noise`` takes (one parser); ``none`` is refused."""
+    import argparse
+
+    from noisynn_kernels.cli import _noise_arg
+
+    assert _noise_arg("shift:rows") == nk.NoiseConfig(kind="shift", axis="rows")
+    assert _noise_arg("kind=shift,alpha=0.2,eval=false") == nk.NoiseConfig(kind="shift", alpha=0.2, eval=False)
+    assert _noise_arg('{"kind": "optimal", "axis": "rows"}') == nk.NoiseConfig(kind="optimal", axis="rows")
+    assert _noise_arg("default") is None
+    with pytest.raises(argparse.ArgumentTypeError, match="noisy paths"):
+        _noise_arg("none")
