@@ -95,6 +95,41 @@ def test_one_output_used(use, kind, mix_after_norm):
     run_case(2, 1 + 16, 123, 1, kind, "tokens", mix_after_norm, torch.float32, use=use)
 
 
+@pytest.mark.parametrize("kind", ("shift", "optimal", "dense"))
+@pytest.mark.parametrize("grid", ((1, 8), (7, 3), (4, 5)))
+@pytest.mark.parametrize("mix_after_norm", (False, True))
+def test_rows_bundles(kind, grid, mix_after_norm):
+    """Axis rows mixes several grid columns per task (all of a sample's with one thread; fewer, and a
+    partial last bundle, when one sample must feed two threads).  Grid heights 1 (the identity), odd
+    and even.  The oracle holds for every bundling, and each row's arithmetic does not depend on it:
+    outputs and dx are bitwise the same for 1 and 2 threads."""
+    N = 1 + grid[0] * grid[1]
+    cfg = NoiseConfig(kind=kind, axis="rows", alpha=ALPHA, allow_batch_dependence=True,
+                      matrix=dense_q(grid[0], 0) if kind == "dense" else None)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            run_case(1, N, 123, 1, kind, "rows", mix_after_norm, torch.float32, grid=grid)
+            t = make_inputs(1, N, 123, has_res=True, has_w=True, has_b=True, seed=3)[1](torch.float32)
+            normed, res = fused(t["x"], t["residual"], t["weight"], t["bias"], mix=cfg, prefix_tokens=1,
+                                grid=grid, mix_after_norm=mix_after_norm)
+            (normed * torch.linspace(-1, 1, 123) + res).sum().backward()
+            results.append((normed.detach(), res.detach(), t["x"].grad))
+    finally:
+        torch.set_num_threads(old)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("mix_after_norm", (False, True))
+def test_rows_bundle_larger_than_buffer(mix_after_norm):
+    """A sample's whole grid exceeds the optimal group buffer (K * columns * D > 2**21 floats), so the
+    bundle of columns is halved until it fits."""
+    run_case(1, 1 + 32 * 32, 2100, 1, "optimal", "rows", mix_after_norm, torch.float32, grid=(32, 32))
+
+
 @pytest.mark.parametrize("threads", (1, 2))
 def test_thread_count_does_not_change_results(threads):
     """dweight / dbias come from per-thread partials: any thread count gives a correct sum."""

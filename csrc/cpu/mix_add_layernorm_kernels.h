@@ -11,8 +11,10 @@
 //   rows     b * gw + p % gw      p // gw       b * N + P + p % gw + i * gw
 //   batch    p                    b             i * N + P + p
 //
-// One task is one whole group: its source rows are computed (and, for optimal / dense, kept in an
-// fp32 buffer) once, so every input is read once from memory and the group stays in cache.
+// One task mixes whole groups: their source rows are computed (and, for optimal / dense, kept in an
+// fp32 buffer) once, so every input is read once from memory and the groups stay in cache.  For axis
+// rows a task takes several columns of one sample's grid together and walks their rows in memory
+// order (mix_bundle).
 //   shift    streams the group keeping one partner row (O(K D));
 //   optimal  one column sum per group, then the rows (O(K D));
 //   dense    loops over the K x K matrix (O(K^2 D)).
@@ -114,13 +116,125 @@ inline float row_sum_minus(const float* v, float c, int64_t D) {
   return s;
 }
 
-// mean and 1/std of a row (two-pass variance, as the reference).  The mean is taken relative to the
-// row's first element: exact for a constant row (which then normalizes to exactly 0, as torch's
-// LayerNorm does), and less rounding where the row's offset is large against its spread.
+// 8 consecutive values of a row as fp32 / stored from fp32 in the row's dtype (by reference: no 32-byte
+// vector crosses a function boundary by value, which would change the calling convention without AVX)
+template <typename T>
+inline void load8_f(const T* p, F8& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&v, p, sizeof(v));
+  } else {
+    for (int k = 0; k < W; ++k) v[k] = static_cast<float>(p[k]);
+  }
+}
+
+template <typename T>
+inline void store8_t(T* p, const F8& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(p, &v, sizeof(v));
+  } else {
+    for (int k = 0; k < W; ++k) p[k] = static_cast<T>(v[k]);
+  }
+}
+
+// The mean of a row is taken relative to its first element: exact for a constant row (which then
+// normalizes to exactly 0, as torch's LayerNorm does), and less rounding where the row's offset is
+// large against its spread.  row_sum_minus(v, v[0]) / D + v[0] is that mean.
+inline float row_mean(const float* v, int64_t D) {
+  return v[0] + row_sum_minus(v, v[0], D) / static_cast<float>(D);
+}
+
+// 1/std of a row around its mean (two-pass variance, as the reference)
+inline float row_rstd(const float* v, float mean, int64_t D, float eps) {
+  return 1.0f / std::sqrt(row_sq_dev(v, mean, D) / static_cast<float>(D) + eps);
+}
+
+// Stores the fp32 row v into dst (dst's dtype) and returns row_mean(v): one pass instead of two, the
+// same additions in the same order as row_sum_minus.
+template <typename T>
+inline float store_row_mean(const float* v, T* __restrict__ dst, int64_t D) {
+  const float c = v[0];
+  F8 a0 = {}, a1 = {};
+  int64_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    const F8 v0 = load8(v + d), v1 = load8(v + d + W);
+    store8_t(dst + d, v0);
+    store8_t(dst + d + W, v1);
+    a0 += v0 - c;
+    a1 += v1 - c;
+  }
+  for (; d + W <= D; d += W) {
+    const F8 v0 = load8(v + d);
+    store8_t(dst + d, v0);
+    a0 += v0 - c;
+  }
+  float s = hsum8(a0 + a1);
+  for (; d < D; ++d) {
+    dst[d] = static_cast<T>(v[d]);
+    s += v[d] - c;
+  }
+  return c + s / static_cast<float>(D);
+}
+
+// mean and 1/std of a row
 inline std::pair<float, float> row_stats(const float* v, int64_t D, float eps) {
-  const float mean = v[0] + row_sum_minus(v, v[0], D) / static_cast<float>(D);
-  const float var = row_sq_dev(v, mean, D) / static_cast<float>(D);
-  return {mean, 1.0f / std::sqrt(var + eps)};
+  const float mean = row_mean(v, D);
+  return {mean, row_rstd(v, mean, D, eps)};
+}
+
+// LayerNorm backward of one row in two passes over it (the row stays in L1 between them):
+//   pass 1  xhat = (r - mean) * rstd, gw = g * w, sum(xhat * gw), sum(gw), and, when kAcc,
+//           dw += g * xhat, db += g (the caller's partial sums);
+//   pass 2  out = (gw - (xhat * c1 + c2)) * rstd (+ dr),  c1 = sum(xhat * gw) / D, c2 = sum(gw) / D.
+// g: the gradient wrt the normalized row before the affine (G: the row's dtype in memory, or an fp32
+// buffer, which may be `out` itself); r: the LN input; dr: gradient added to the result or nullptr;
+// xhat: D floats of scratch.  The reductions add in row_dot's order.
+template <bool kAcc, bool kW, typename G, typename T>
+inline void ln_back_row(const G* g, const T* __restrict__ r, const T* __restrict__ dr, const float* __restrict__ w,
+                        float mean, float rstd, float invD, float* __restrict__ dw, float* __restrict__ db,
+                        float* __restrict__ xhat, float* out, int64_t D) {
+  F8 dot0 = {}, dot1 = {}, sum0 = {}, sum1 = {};
+  auto step = [&](int64_t d, F8& dot, F8& sum) {
+    F8 rv, gd;
+    load8_f(r + d, rv);
+    load8_f(g + d, gd);
+    const F8 xh = (rv - mean) * rstd;
+    store8_t(xhat + d, xh);
+    if constexpr (kAcc) {
+      store8_t(dw + d, load8(dw + d) + gd * xh);
+      store8_t(db + d, load8(db + d) + gd);
+    }
+    F8 gw = gd;
+    if constexpr (kW) gw = gd * load8(w + d);
+    store8_t(out + d, gw);
+    dot += xh * gw;
+    sum += gw;
+  };
+  int64_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    step(d, dot0, sum0);
+    step(d + W, dot1, sum1);
+  }
+  for (; d + W <= D; d += W) step(d, dot0, sum0);
+  float dot = hsum8(dot0 + dot1), sum = hsum8(sum0 + sum1);
+  for (; d < D; ++d) {
+    const float xh = (static_cast<float>(r[d]) - mean) * rstd;
+    const float gd = static_cast<float>(g[d]);
+    xhat[d] = xh;
+    if constexpr (kAcc) {
+      dw[d] += gd * xh;
+      db[d] += gd;
+    }
+    const float gw = kW ? gd * w[d] : gd;
+    out[d] = gw;
+    dot += xh * gw;
+    sum += gw;
+  }
+  const float c1 = dot * invD, c2 = sum * invD;
+  if (dr) {
+    for (int64_t e = 0; e < D; ++e) out[e] = (out[e] - (xhat[e] * c1 + c2)) * rstd + static_cast<float>(dr[e]);
+  } else {
+    for (int64_t e = 0; e < D; ++e) out[e] = (out[e] - (xhat[e] * c1 + c2)) * rstd;
+  }
 }
 
 // dst <- (v - mean) * rstd * w + b (w, b optional), stored in dst's dtype; dst may be v itself.
@@ -163,83 +277,124 @@ struct Geometry {
   }
 };
 
-// Mixes group g.  src(row, out, first, scratch) writes the fp32 source row (`first` is true exactly
-// once per row: side outputs happen then); sink(row, v, scratch) consumes the mixed row and may
-// overwrite v.  `work` holds 5 * D floats, plus K * D when `keep` (the group's source rows).
+// Work buffer of one task mixing nb groups whose rows interleave (bundle_rows): in floats.
+inline int64_t bundle_work_floats(int64_t D, int64_t K, int64_t nb, bool keep) {
+  return D + 4 * nb * D + (keep ? K * nb * D : 0);
+}
+
+// Mixes the nb groups g0 .. g0 + nb - 1 (nb > 1 only for axis rows: consecutive columns of one
+// sample's grid, whose rows interleave in memory).  Rows are visited in ascending memory order,
+// position i outer and group inner, so the hardware prefetchers see streams, not rows `step` apart.
+// src(row, out, first, scratch) writes the fp32 source row (`first` is true exactly once per row: side
+// outputs happen then); sink(row, v, scratch) consumes the mixed row and may overwrite v.  `work`
+// holds bundle_work_floats(D, K, nb, keep) floats: scratch, then four nb * D buffers, then, when
+// `keep`, the K * nb source rows.
 template <typename Src, typename Sink>
-inline void mix_group(const Geometry& G, int64_t g, int64_t kind, float alpha, const float* mix, bool transpose,
-                      bool keep, float* work, Src& src, Sink& sink) {
+inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, float alpha, const float* mix,
+                       bool transpose, bool keep, float* work, Src& src, Sink& sink) {
   const int64_t D = G.D, K = G.K;
-  float* a = work;
-  float* b = work + D;
-  float* colsum = work + 2 * D;
-  float* scratch = work + 3 * D;
-  float* S = work + 4 * D;
-  if (kind == KIND_SHIFT) {
-    // forward y_i = (1 - a) s_i + a s_{i-1}; transposed y_i = (1 - a) s_i + a s_{i+1} (walk backwards)
-    const float c = 1.0f - alpha;
-    float* prev = a;
-    float* cur = b;
-    src(G.row(g, transpose ? 0 : K - 1), prev, false, scratch);
-    for (int64_t t = 0; t < K; ++t) {
-      const int64_t row = G.row(g, transpose ? K - 1 - t : t);
-      src(row, cur, true, scratch);
-      for (int64_t d = 0; d < D; ++d) prev[d] = c * cur[d] + alpha * prev[d];
-      sink(row, prev, scratch);
-      std::swap(prev, cur);  // the source row just read is the next row's partner
+  float* scratch = work;
+  float* A = work + D;               // per group: the partner row (shift), the block sum (optimal)
+  float* Bf = A + nb * D;            // per group: the current row (shift)
+  float* C = Bf + nb * D;            // per group: s_0 (transposed shift), the column sum (optimal)
+  float* E = C + nb * D;             // per group: the Kahan compensation (optimal); one output row
+  float* S = E + nb * D;             // keep: source row (i, c) at S + (i * nb + c) * D
+  auto row = [&](int64_t c, int64_t i) { return G.row(g0 + c, i); };
+  if (kind == KIND_SHIFT && !transpose) {
+    // y_i = (1 - a) s_i + a s_{i-1}, s_{-1} = s_{K-1}: stream the groups keeping one partner row each
+    const float cc = 1.0f - alpha;
+    for (int64_t c = 0; c < nb; ++c) src(row(c, K - 1), A + c * D, false, scratch);
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t c = 0; c < nb; ++c) {
+        float* prev = (i & 1) ? Bf + c * D : A + c * D;  // buffers alternate: the source row just read
+        float* cur = (i & 1) ? A + c * D : Bf + c * D;   // is the next row's partner
+        src(row(c, i), cur, true, scratch);
+        for (int64_t d = 0; d < D; ++d) prev[d] = cc * cur[d] + alpha * prev[d];
+        sink(row(c, i), prev, scratch);
+      }
+    }
+  } else if (kind == KIND_SHIFT) {
+    // transposed: y_i = (1 - a) s_i + a s_{i+1}, s_K = s_0.  Also walks forwards, emitting y_{i-1} once
+    // s_i is read and keeping s_0 for the last row.
+    const float cc = 1.0f - alpha;
+    float* out = E;
+    for (int64_t c = 0; c < nb; ++c) src(row(c, 0), C + c * D, true, scratch);
+    for (int64_t i = 1; i < K; ++i) {
+      for (int64_t c = 0; c < nb; ++c) {
+        const float* prev = i == 1 ? C + c * D : ((i & 1) ? A + c * D : Bf + c * D);
+        float* cur = (i & 1) ? Bf + c * D : A + c * D;
+        src(row(c, i), cur, true, scratch);
+        for (int64_t d = 0; d < D; ++d) out[d] = cc * prev[d] + alpha * cur[d];
+        sink(row(c, i - 1), out, scratch);
+      }
+    }
+    for (int64_t c = 0; c < nb; ++c) {
+      const float* prev = K == 1 ? C + c * D : ((K & 1) ? A + c * D : Bf + c * D);  // s_{K-1}
+      for (int64_t d = 0; d < D; ++d) out[d] = cc * prev[d] + alpha * C[c * D + d];
+      sink(row(c, K - 1), out, scratch);
     }
   } else if (kind == KIND_OPTIMAL) {
-    // M s_i = (s_i + sum_j s_j) / (K + 1); M is symmetric, so the transposed mix is the same
-    // two-level sum (blocks of kSumBlock rows) keeps the fp32 rounding error low for long groups
+    // M s_i = (s_i + sum_j s_j) / (K + 1); M is symmetric, so the transposed mix is the same.
+    // A two-level sum (blocks of kSumBlock rows, Kahan-compensated across blocks) keeps the fp32
+    // rounding error low for long groups.
     constexpr int64_t kSumBlock = 16;
-    float* comp = S + (keep ? K * D : 0);
-    std::fill(colsum, colsum + D, 0.0f);
-    std::fill(comp, comp + D, 0.0f);
+    std::fill(C, C + nb * D, 0.0f);
+    std::fill(E, E + nb * D, 0.0f);
     for (int64_t i0 = 0; i0 < K; i0 += kSumBlock) {
-      std::fill(b, b + D, 0.0f);
+      std::fill(A, A + nb * D, 0.0f);
       for (int64_t i = i0; i < std::min(K, i0 + kSumBlock); ++i) {
-        float* si = keep ? S + i * D : a;
-        src(G.row(g, i), si, true, scratch);
-        for (int64_t d = 0; d < D; ++d) b[d] += si[d];
+        for (int64_t c = 0; c < nb; ++c) {
+          float* si = keep ? S + (i * nb + c) * D : Bf;
+          src(row(c, i), si, true, scratch);
+          float* blk = A + c * D;
+          for (int64_t d = 0; d < D; ++d) blk[d] += si[d];
+        }
       }
-      for (int64_t d = 0; d < D; ++d) {  // Kahan-compensated across blocks (comp: the lost low bits)
-        const float y = b[d] - comp[d];
-        const float t = colsum[d] + y;
-        comp[d] = (t - colsum[d]) - y;
-        colsum[d] = t;
+      for (int64_t e = 0; e < nb * D; ++e) {  // comp (E): the lost low bits
+        const float y = A[e] - E[e];
+        const float t = C[e] + y;
+        E[e] = (t - C[e]) - y;
+        C[e] = t;
       }
     }
     const float inv = 1.0f / static_cast<float>(K + 1);
     for (int64_t i = 0; i < K; ++i) {
-      const int64_t row = G.row(g, i);
-      const float* si = S + i * D;
-      if (!keep) {
-        src(row, a, false, scratch);
-        si = a;
+      for (int64_t c = 0; c < nb; ++c) {
+        const float* si = S + (i * nb + c) * D;
+        if (!keep) {
+          src(row(c, i), Bf, false, scratch);
+          si = Bf;
+        }
+        const float* colsum = C + c * D;
+        for (int64_t d = 0; d < D; ++d) A[d] = (si[d] + colsum[d]) * inv;
+        sink(row(c, i), A, scratch);
       }
-      for (int64_t d = 0; d < D; ++d) b[d] = (si[d] + colsum[d]) * inv;
-      sink(row, b, scratch);
     }
-  } else {  // dense: y_i = sum_j M[i, j] s_j (M^T when transposed)
-    for (int64_t j = 0; j < K; ++j) src(G.row(g, j), S + j * D, true, scratch);
+  } else {  // dense: y_i = sum_j M[i, j] s_j (M^T when transposed); keep is always on
+    for (int64_t j = 0; j < K; ++j) {
+      for (int64_t c = 0; c < nb; ++c) src(row(c, j), S + (j * nb + c) * D, true, scratch);
+    }
     for (int64_t i = 0; i < K; ++i) {
-      std::fill(b, b + D, 0.0f);
-      for (int64_t j = 0; j < K; ++j) {
-        const float m = transpose ? mix[j * K + i] : mix[i * K + j];
-        if (m == 0.0f) continue;
-        const float* sj = S + j * D;
-        for (int64_t d = 0; d < D; ++d) b[d] += m * sj[d];
+      for (int64_t c = 0; c < nb; ++c) {
+        std::fill(A, A + D, 0.0f);
+        for (int64_t j = 0; j < K; ++j) {
+          const float m = transpose ? mix[j * K + i] : mix[i * K + j];
+          if (m == 0.0f) continue;
+          const float* sj = S + (j * nb + c) * D;
+          for (int64_t d = 0; d < D; ++d) A[d] += m * sj[d];
+        }
+        sink(row(c, i), A, scratch);
       }
-      sink(G.row(g, i), b, scratch);
     }
   }
 }
 
-// Runs src -> (mix) -> sink over every row: unmixed rows (identity, prefix tokens) one by one, mixed
-// rows one group per task.
+// Runs src -> (mix) -> sink over every row: unmixed rows (identity, prefix tokens) in blocks of rows,
+// mixed rows one bundle of groups per task.  Axis rows bundles a sample's grid columns (as many as
+// keep the work in cache and the threads busy); the other axes mix one group per task.
 template <typename Src, typename Sink>
 void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bool transpose, Src& src, Sink& sink) {
-  const int64_t D = G.D;
+  const int64_t D = G.D, K = G.K;
   const int64_t row_grain = std::max<int64_t>(1, kGrainSize / (4 * D));
   auto unmixed = [&](int64_t n_rows, auto row_of) {
     at::parallel_for(0, n_rows, row_grain, [&](int64_t begin, int64_t end) {
@@ -259,10 +414,25 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
     const int64_t P = G.P, N = G.N;
     unmixed(G.B * P, [P, N](int64_t t) { return (t / P) * N + t % P; });
   }
-  const bool keep = kind == KIND_DENSE || (kind == KIND_OPTIMAL && G.K * D <= kMaxGroupBufferFloats);
-  at::parallel_for(0, G.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(5 * D + (keep ? G.K * D : 0));
-    for (int64_t g = begin; g < end; ++g) mix_group(G, g, kind, alpha, mix, transpose, keep, work.data(), src, sink);
+  const bool kept_kind = kind == KIND_DENSE || kind == KIND_OPTIMAL;
+  // nb: groups per task.  Only axis rows has interleaved groups (step > 1); halve the bundle while it
+  // leaves threads idle or its kept rows exceed the buffer limit.
+  int64_t nb = G.step;
+  const int64_t threads = at::get_num_threads();
+  while (nb > 1 && ((G.groups / G.step) * ((G.step + nb - 1) / nb) < threads ||
+                    (kept_kind && K * nb * D > kMaxGroupBufferFloats))) {
+    nb = (nb + 1) / 2;
+  }
+  const bool keep = kind == KIND_DENSE || (kind == KIND_OPTIMAL && K * nb * D <= kMaxGroupBufferFloats);
+  const int64_t per_sample = (G.step + nb - 1) / nb;  // bundles per `step` consecutive groups
+  const int64_t n_tasks = (G.groups / G.step) * per_sample;
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> work(bundle_work_floats(D, K, nb, keep));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = (t % per_sample) * nb;
+      const int64_t g0 = (t / per_sample) * G.step + c0;
+      mix_bundle(G, g0, std::min(nb, G.step - c0), kind, alpha, mix, transpose, keep, work.data(), src, sink);
+    }
   });
 }
 
@@ -289,8 +459,8 @@ void fwd_impl(const FwdArgs& A) {
     // residual_out = M s, normed = LN(residual_out)
     auto src = [=](int64_t row, float* out, bool, float*) { add(row, out); };
     auto sink = [=](int64_t row, float* v, float*) {
-      store_row(v, op + row * D, D);
-      auto [mu, rs] = row_stats(v, D, eps);
+      const float mu = store_row_mean(v, op + row * D, D);  // residual_out and the mean in one pass
+      const float rs = row_rstd(v, mu, D, eps);
       mp[row] = mu;
       sp[row] = rs;
       normalize_store(v, mu, rs, wp, bp, yp + row * D, D);  // straight into the output: no extra copy
@@ -339,59 +509,48 @@ void bwd_impl(const BwdArgs& A) {
   int64_t* counts = count_buf.data();
   const float invD = 1.0f / static_cast<float>(D);
 
-  // g (the gradient wrt the LN output, before the affine) -> gradient wrt the LN input + d_residual_out,
-  // in place; accumulates dweight / dbias when asked.  scratch: D floats for x_hat.
-  auto ln_back = [=](int64_t row, float* __restrict__ g, bool accumulate, float* __restrict__ xhat) {
+  // gin (the gradient wrt the LN output, before the affine; T in memory or an fp32 buffer) -> out: the
+  // gradient wrt the LN input + d_residual_out; accumulates dweight / dbias when asked.  xhat: D floats.
+  auto ln_back = [=](int64_t row, const auto* gin, float* out, bool accumulate, float* xhat) {
     const float mu = mup[row], rs = rsp[row];
     const T* rr = rp + row * D;
-    for (int64_t d = 0; d < D; ++d) xhat[d] = (static_cast<float>(rr[d]) - mu) * rs;
-    if (accumulate) {
-      // per-thread partials, two-level: rows add into a block slot that is flushed into the main slot
-      // every kSumBlock rows (bounds the fp32 rounding error of long sums); the caller sums all slots.
-      constexpr int64_t kSumBlock = 16;
-      const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_parts - 1);
-      float* __restrict__ dw_main = dwp + 2 * tid * D;
-      float* __restrict__ db_main = dbp + 2 * tid * D;
-      float* __restrict__ dw_block = dw_main + D;
-      float* __restrict__ db_block = db_main + D;
-      for (int64_t d = 0; d < D; ++d) {
-        dw_block[d] += g[d] * xhat[d];
-        db_block[d] += g[d];
-      }
-      if (++counts[tid * kCountPad] % kSumBlock == 0) {
-        for (int64_t d = 0; d < D; ++d) {
-          dw_main[d] += dw_block[d];
-          db_main[d] += db_block[d];
-          dw_block[d] = 0.0f;
-          db_block[d] = 0.0f;
-        }
-      }
+    const T* dr = drp ? drp + row * D : nullptr;
+    if (!accumulate) {
+      if (wp) return ln_back_row<false, true>(gin, rr, dr, wp, mu, rs, invD, nullptr, nullptr, xhat, out, D);
+      return ln_back_row<false, false>(gin, rr, dr, wp, mu, rs, invD, nullptr, nullptr, xhat, out, D);
     }
+    // per-thread partials, two-level: rows add into a block slot that is flushed into the main slot
+    // every kSumBlock rows (bounds the fp32 rounding error of long sums); the caller sums all slots.
+    constexpr int64_t kSumBlock = 16;
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), n_parts - 1);
+    float* __restrict__ dw_main = dwp + 2 * tid * D;
+    float* __restrict__ db_main = dbp + 2 * tid * D;
+    float* __restrict__ dw_block = dw_main + D;
+    float* __restrict__ db_block = db_main + D;
     if (wp) {
-      for (int64_t d = 0; d < D; ++d) g[d] *= wp[d];
-    }
-    const float c1 = row_dot(xhat, g, D) * invD;
-    const float c2 = row_sum_minus(g, 0.0f, D) * invD;
-    if (drp) {
-      const T* dr = drp + row * D;
-      for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - (xhat[d] * c1 + c2)) * rs + static_cast<float>(dr[d]);
+      ln_back_row<true, true>(gin, rr, dr, wp, mu, rs, invD, dw_block, db_block, xhat, out, D);
     } else {
-      for (int64_t d = 0; d < D; ++d) g[d] = (g[d] - (xhat[d] * c1 + c2)) * rs;
+      ln_back_row<true, false>(gin, rr, dr, wp, mu, rs, invD, dw_block, db_block, xhat, out, D);
+    }
+    if (++counts[tid * kCountPad] % kSumBlock == 0) {
+      for (int64_t d = 0; d < D; ++d) {
+        dw_main[d] += dw_block[d];
+        db_main[d] += db_block[d];
+        dw_block[d] = 0.0f;
+        db_block[d] = 0.0f;
+      }
     }
   };
   if (!mix_after_norm) {
     // g = LN-backward(dy) + d_residual_out (gradient wrt r = M s); dx = M^T g
-    auto src = [=](int64_t row, float* out, bool first, float* scratch) {
-      load_row(dyp + row * D, out, D);
-      ln_back(row, out, first, scratch);
-    };
+    auto src = [=](int64_t row, float* out, bool first, float* scratch) { ln_back(row, dyp + row * D, out, first, scratch); };
     auto sink = [=](int64_t row, float* v, float*) { store_row(v, dxp + row * D, D); };
     run_rows(G, kind, alpha, mix, true, src, sink);
   } else {
     // dz = M^T dy; dx = LN-backward(dz) + d_residual_out
     auto src = [=](int64_t row, float* out, bool, float*) { load_row(dyp + row * D, out, D); };
     auto sink = [=](int64_t row, float* v, float* scratch) {
-      ln_back(row, v, true, scratch);
+      ln_back(row, v, v, true, scratch);
       store_row(v, dxp + row * D, D);
     };
     run_rows(G, kind, alpha, mix, true, src, sink);
