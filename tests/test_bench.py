@@ -171,3 +171,14 @@ def test_bench_noise_option_forms():
     assert _noise_arg("default") is None
     with pytest.raises(argparse.ArgumentTypeError, match="noisy paths"):
         _noise_arg("none")
+
+
+def test_environment_records_the_allocator_setting(monkeypatch):
+    """A CPU result says whether large outputs came from a reusing allocator: it changes the op ratios."""
+    from noisynn_kernels.bench.runner import MALLOC_ENV, environment
+    for k in MALLOC_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert environment(torch.device("cpu"))["malloc"] == "default"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert environment(torch.device("cpu"))["malloc"] == "LD_PRELOAD=libjemalloc.so.2 GLIBC_TUNABLES=glibc.malloc.mmap_max=0"

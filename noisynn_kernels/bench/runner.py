@@ -108,6 +108,19 @@ def _git_commit() -> str:
     return "unknown"
 
 
+# Environment variables that change how the C library's allocator serves large tensors (set before the
+# process starts); see malloc_setting.
+MALLOC_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def malloc_setting() -> str:
+    """The allocator configuration of this process as ``NAME=value`` pairs of :data:`MALLOC_ENV`, or
+    ``"default"``.  On CPU it decides whether a large output is fresh memory, page-faulted on first
+    write, or reused from an earlier free (benchmarks/README.md)."""
+    parts = [f"{k}={os.environ[k]}" for k in MALLOC_ENV if os.environ.get(k)]
+    return " ".join(parts) or "default"
+
+
 def environment(device: torch.device) -> Dict[str, str]:
     """Versions, device and commit recorded with every result."""
     import timm
@@ -130,6 +143,7 @@ def environment(device: torch.device) -> Dict[str, str]:
         # which build of the C++ kernels ran, and whether their large outputs asked for huge pages
         env["cpu_isa"] = info.get("cpu_isa", "not built")
         env["cpu_hugepage_outputs"] = info.get("cpu_hugepage_outputs", False)
+        env["malloc"] = malloc_setting()
     return env
 
 
