@@ -130,6 +130,29 @@ def test_rows_bundle_larger_than_buffer(mix_after_norm):
     run_case(1, 1 + 32 * 32, 2100, 1, "optimal", "rows", mix_after_norm, torch.float32, grid=(32, 32))
 
 
+@pytest.mark.parametrize("kind", ("shift", "optimal", "dense"))
+@pytest.mark.parametrize("axis", ("tokens", "rows"))
+def test_work_buffers_carry_nothing_between_calls(kind, axis):
+    """Each thread keeps its work buffer between calls, uninitialised: a call after one on NaN inputs
+    (which leaves NaN in every buffer) must give bitwise the result it gave before."""
+    N, grid = 1 + 16, (4, 4)
+    cfg = NoiseConfig(kind=kind, axis=axis, alpha=ALPHA, matrix=dense_q(16 if axis == "tokens" else 4, 0)
+                      if kind == "dense" else None)
+    t = make_inputs(3, N, 40, has_res=True, has_w=True, has_b=True, seed=4)[0]
+    args = (t["x"], t["residual"], t["weight"], t["bias"])
+
+    def call(x, r, w, b):
+        with torch.no_grad():
+            return fused(x, r, w, b, mix=cfg, prefix_tokens=1, grid=grid)
+
+    before = call(*args)
+    poisoned = call(torch.full((3, N, 40), float("nan")), *args[1:])
+    assert torch.isnan(poisoned[1]).all()
+    after = call(*args)
+    for one, two in zip(before, after):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.parametrize("threads", (1, 2))
 def test_thread_count_does_not_change_results(threads):
     """dweight / dbias come from per-thread partials: any thread count gives a correct sum."""

@@ -1,6 +1,6 @@
 // The CPU kernels of the fused residual add + (I + Q) mix + LayerNorm, compiled once per instruction
 // set: kernels_<isa>.cpp include this file inside namespace noisynn::cpu::isa_<isa>, after the headers
-// it needs (ATen/Parallel.h, <algorithm>, <cmath>, <cstring>, <utility>, <vector>,
+// it needs (ATen/Parallel.h, <algorithm>, <cmath>, <cstring>, <memory>, <utility>, <vector>,
 // c10 Half / BFloat16) and mix_add_layernorm.h.  Interface: mix_add_layernorm.h.
 //
 // Layout: contiguous (B * N, D) rows, row = b * N + n.  The P prefix tokens of every sample are added
@@ -277,6 +277,36 @@ struct Geometry {
   }
 };
 
+// A task's fp32 work buffer, uninitialised.  Up to kCachedWorkFloats it is the calling thread's own
+// buffer, kept between calls: a fresh zero-filled vector per call cost a memset and, for buffers past
+// the C library's mmap threshold, page faults on every call (optimal / tokens at ViT-B size needs
+// 600 KB).  Larger buffers are allocated per call (their work amortizes it) and freed, so a thread
+// keeps at most 2 MiB.
+constexpr int64_t kCachedWorkFloats = int64_t(1) << 19;
+
+class WorkBuffer {
+ public:
+  explicit WorkBuffer(int64_t n) {
+    if (n <= kCachedWorkFloats) {
+      thread_local std::unique_ptr<float[]> cached;
+      thread_local int64_t cached_n = 0;
+      if (cached_n < n) {
+        cached.reset(new float[kCachedWorkFloats]);
+        cached_n = kCachedWorkFloats;
+      }
+      ptr_ = cached.get();
+    } else {
+      own_.reset(new float[n]);
+      ptr_ = own_.get();
+    }
+  }
+  float* data() const { return ptr_; }
+
+ private:
+  std::unique_ptr<float[]> own_;
+  float* ptr_ = nullptr;
+};
+
 // Work buffer of one task mixing nb groups whose rows interleave (bundle_rows): in floats.
 inline int64_t bundle_work_floats(int64_t D, int64_t K, int64_t nb, bool keep) {
   return D + 4 * nb * D + (keep ? K * nb * D : 0);
@@ -398,7 +428,7 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
   const int64_t row_grain = std::max<int64_t>(1, kGrainSize / (4 * D));
   auto unmixed = [&](int64_t n_rows, auto row_of) {
     at::parallel_for(0, n_rows, row_grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf(2 * D);
+      const WorkBuffer buf(2 * D);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t row = row_of(t);
         src(row, buf.data(), true, buf.data() + D);
@@ -427,7 +457,7 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
   const int64_t per_sample = (G.step + nb - 1) / nb;  // bundles per `step` consecutive groups
   const int64_t n_tasks = (G.groups / G.step) * per_sample;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> work(bundle_work_floats(D, K, nb, keep));
+    const WorkBuffer work(bundle_work_floats(D, K, nb, keep));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = (t % per_sample) * nb;
       const int64_t g0 = (t / per_sample) * G.step + c0;
