@@ -39,18 +39,23 @@ __all__ = [
 AXES = ("batch", "tokens", "rows")
 
 
-def check_activation(x, name: str = "x") -> torch.Tensor:
-    """``x`` must be a floating-point ``(B, N, D)`` or ``(B, C, H, W)`` tensor with at least one element."""
+def _check_tensor(x, name: str, ranks: Tuple[int, ...], layout: str) -> torch.Tensor:
+    """``x`` must be a non-empty floating-point tensor of one of ``ranks``; ``layout`` describes the
+    expected shapes in the error."""
     if not isinstance(x, torch.Tensor):
         raise ShapeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() not in (3, 4):
-        raise ShapeError(f"{name} must be (B, N, D) tokens or (B, C, H, W) feature maps, got shape {tuple(x.shape)} "
-                         f"(rank {x.dim()})")
+    if x.dim() not in ranks:
+        raise ShapeError(f"{name} must be {layout}, got shape {tuple(x.shape)} (rank {x.dim()})")
     if not x.is_floating_point():
         raise ShapeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.numel() == 0:
         raise ShapeError(f"{name} is empty (shape {tuple(x.shape)}); expected every dimension >= 1")
     return x
+
+
+def check_activation(x, name: str = "x") -> torch.Tensor:
+    """``x`` must be a floating-point ``(B, N, D)`` or ``(B, C, H, W)`` tensor with at least one element."""
+    return _check_tensor(x, name, (3, 4), "(B, N, D) tokens or (B, C, H, W) feature maps")
 
 
 def check_prefix(x: torch.Tensor, prefix_tokens) -> int:
@@ -345,15 +350,7 @@ def check_noisy_attention(q, k, v, mix, scale, prefix_tokens, grid) -> Tuple[Mix
     from .config import NoiseConfig
 
     for t, tname in ((q, "q"), (k, "k"), (v, "v")):
-        if not isinstance(t, torch.Tensor):
-            raise ShapeError(f"{tname} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ShapeError(f"{tname} must be (B, H, N, Dh) (batch, heads, tokens, head dim), got shape "
-                             f"{tuple(t.shape)} (rank {t.dim()})")
-        if not t.is_floating_point():
-            raise ShapeError(f"{tname} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.numel() == 0:
-            raise ShapeError(f"{tname} is empty (shape {tuple(t.shape)}); expected every dimension >= 1")
+        _check_tensor(t, tname, (4,), "(B, H, N, Dh) (batch, heads, tokens, head dim)")
     for t, tname in ((k, "k"), (v, "v")):
         if tuple(t.shape) != tuple(q.shape):
             raise ShapeError(f"{tname} has shape {tuple(t.shape)}, expected q's shape {tuple(q.shape)} "
