@@ -51,12 +51,6 @@ from ._fused_common import AXIS_CODES, KIND_CODES, dense_mix_matrix
 
 __all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "KIND_CODES", "AXIS_CODES", "MAX_HEAD_DIM"]
 
-# The kernels' constexpr codes are the op schema's (shared with the mix_add_layernorm ops).
-if (KIND_CODES != {"identity": kernels.IDENTITY.value, "shift": kernels.SHIFT.value,
-                   "optimal": kernels.OPTIMAL.value, "dense": kernels.DENSE.value}
-        or AXIS_CODES != {"tokens": kernels.AXIS_TOKENS.value, "rows": kernels.AXIS_ROWS.value,
-                          "batch": kernels.AXIS_BATCH.value}):
-    raise ImportError("noisynn_kernels.triton.attention's kind / axis codes differ from the op schema's")
 
 #: Largest head dim of the kernels (one block of the head dim per tile).
 MAX_HEAD_DIM = 128

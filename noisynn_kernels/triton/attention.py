@@ -45,16 +45,8 @@ attention does); fp32 products use ``DOT_PRECISION`` (``ieee`` for full fp32 acc
 import triton
 import triton.language as tl
 
-# Mixing kinds (same codes as triton/mix_layernorm.py).
-IDENTITY = tl.constexpr(0)
-SHIFT = tl.constexpr(1)
-OPTIMAL = tl.constexpr(2)
-DENSE = tl.constexpr(3)
-
-# Mixed axes.
-AXIS_TOKENS = tl.constexpr(0)
-AXIS_ROWS = tl.constexpr(1)
-AXIS_BATCH = tl.constexpr(2)
+# mixing kinds and axes (the ops pass the codes as ints)
+from ._codes import AXIS_BATCH, AXIS_TOKENS, IDENTITY, OPTIMAL, SHIFT
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)

@@ -37,16 +37,8 @@ backward).  All arithmetic is fp32; outputs are stored in their tensor's dtype.
 import triton
 import triton.language as tl
 
-# Mixing kinds (ops pass these codes as ints).
-IDENTITY = tl.constexpr(0)
-SHIFT = tl.constexpr(1)
-OPTIMAL = tl.constexpr(2)
-DENSE = tl.constexpr(3)
-
-# Mixed axes.
-AXIS_TOKENS = tl.constexpr(0)
-AXIS_ROWS = tl.constexpr(1)
-AXIS_BATCH = tl.constexpr(2)
+# mixing kinds and axes (the ops pass the codes as ints)
+from ._codes import AXIS_BATCH, IDENTITY, OPTIMAL, SHIFT
 
 # What a mixed row is made of.
 SRC_SUM = tl.constexpr(0)
