@@ -495,7 +495,7 @@ def _interpretation(result: dict) -> List[str]:
     worst = max(sm[n]["max_logit_diff"] for n in local)
     tol = max(sm[n]["tolerance"] for n in local)
     lines.append(
-        f"- **Sample-local noise.** " + (
+        "- **Sample-local noise.** " + (
             f"For no noise and the tokens/rows linear noises, no sample's logits moved by more than {worst:.1e} "
             f"(tolerance {tol:.0e}) between sorted batches, shuffled batches and batch size 1, and no prediction "
             "changed: their accuracy does not depend on the ordering."
@@ -505,7 +505,7 @@ def _interpretation(result: dict) -> List[str]:
     best = max(deltas, key=lambda n: abs(deltas[n]))
     n_seeds = len(result["options"]["seeds"])
     lines.append(
-        f"- **Does positive noise help here?** Relative to no noise (shuffled batches), the sample-local linear "
+        "- **Does positive noise help here?** Relative to no noise (shuffled batches), the sample-local linear "
         "noises change accuracy by " + ", ".join(f"{n} {100 * d:+.1f}" for n, d in deltas.items())
         + f" points (seed spread up to {100 * max(spreads):.1f} points, {n_seeds} seed(s)). "
         + ("One seed gives no spread to judge a difference by. " if n_seeds < 2 else
