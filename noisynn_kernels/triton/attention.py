@@ -53,6 +53,18 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def _head(T, b, h, sb, sh):
+    """Pointer to token 0 of head ``(b, h)`` of a ``(B, H, N, Dh)`` tensor with batch / head strides ``sb``, ``sh``."""
+    return T + tl.cast(b, tl.int64) * sb + tl.cast(h, tl.int64) * sh
+
+
+@triton.jit
+def _tile(head, rows, offs_d, sn):
+    """Pointers of the ``(rows, offs_d)`` tile of a head (from :func:`_head`) with token stride ``sn``."""
+    return head + rows[:, None].to(tl.int64) * sn + offs_d[None, :]
+
+
+@triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, PART,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -76,11 +88,10 @@ def attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < DH
-    q_base = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
-    k_base = K + tl.cast(b, tl.int64) * skb + tl.cast(h, tl.int64) * skh
-    v_base = V + tl.cast(b, tl.int64) * svb + tl.cast(h, tl.int64) * svh
-    q = tl.load(q_base + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    k_base = _head(K, b, h, skb, skh)
+    v_base = _head(V, b, h, svb, svh)
+    q = tl.load(_tile(_head(Q, b, h, sqb, sqh), offs_m, offs_d, sqn), mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -89,8 +100,8 @@ def attn_fwd_kernel(
         cols = start_n + offs_n
         mask_n = cols < N
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_tile(k_base, cols, offs_d, skn), mask=kv_mask, other=0.0)
+        v = tl.load(_tile(v_base, cols, offs_d, svn), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -102,8 +113,7 @@ def attn_fwd_kernel(
 
     o = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * LN2
-    o_base = O + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
-    tl.store(o_base + offs_m[:, None].to(tl.int64) * son + offs_d[None, :], o.to(O.dtype.element_ty),
+    tl.store(_tile(_head(O, b, h, sob, soh), offs_m, offs_d, son), o.to(O.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + tl.cast(pid_bh, tl.int64) * N + offs_m, lse, mask=mask_m)
 
@@ -267,12 +277,10 @@ def attn_bwd_dkdv_kernel(
     mask_n = offs_n < N
     mask_d = offs_d < DH
     kv_mask = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(K + tl.cast(b, tl.int64) * skb + tl.cast(h, tl.int64) * skh + offs_n[:, None].to(tl.int64) * skn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + tl.cast(b, tl.int64) * svb + tl.cast(h, tl.int64) * svh + offs_n[:, None].to(tl.int64) * svn
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
-    do_base = DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
+    k = tl.load(_tile(_head(K, b, h, skb, skh), offs_n, offs_d, skn), mask=kv_mask, other=0.0)
+    v = tl.load(_tile(_head(V, b, h, svb, svh), offs_n, offs_d, svn), mask=kv_mask, other=0.0)
+    q_base = _head(Q, b, h, sqb, sqh)
+    do_base = _head(DO, b, h, sdb, sdh)
     row_base = tl.cast(pid_bh, tl.int64) * N
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -280,8 +288,8 @@ def attn_bwd_dkdv_kernel(
         rows = start_m + offs_m
         mask_m = rows < N
         q_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + rows[:, None].to(tl.int64) * sqn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None].to(tl.int64) * sdn + offs_d[None, :], mask=q_mask, other=0.0)
+        q = tl.load(_tile(q_base, rows, offs_d, sqn), mask=q_mask, other=0.0)
+        do = tl.load(_tile(do_base, rows, offs_d, sdn), mask=q_mask, other=0.0)
         lse2 = tl.load(LSE + row_base + rows, mask=mask_m, other=0.0) * LOG2E
         delta = tl.load(DELTA + row_base + rows, mask=mask_m, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale     # (BLOCK_N, BLOCK_M)
@@ -291,10 +299,8 @@ def attn_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     dk = dk * scale
-    g_rows = (tl.cast(b, tl.int64) * sgb + tl.cast(h, tl.int64) * sgh + offs_n[:, None].to(tl.int64) * sgn
-              + offs_d[None, :])
-    tl.store(DK + g_rows, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + g_rows, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile(_head(DK, b, h, sgb, sgh), offs_n, offs_d, sgn), dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(_tile(_head(DV, b, h, sgb, sgh), offs_n, offs_d, sgn), dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -316,27 +322,24 @@ def attn_bwd_dq_kernel(
     mask_m = offs_m < N
     mask_d = offs_d < DH
     q_mask = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqn
-                + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh + offs_m[:, None].to(tl.int64) * sdn
-                 + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(_tile(_head(Q, b, h, sqb, sqh), offs_m, offs_d, sqn), mask=q_mask, other=0.0)
+    do = tl.load(_tile(_head(DO, b, h, sdb, sdh), offs_m, offs_d, sdn), mask=q_mask, other=0.0)
     row_base = tl.cast(pid_bh, tl.int64) * N
     lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * LOG2E
     delta = tl.load(DELTA + row_base + offs_m, mask=mask_m, other=0.0)
-    k_base = K + tl.cast(b, tl.int64) * skb + tl.cast(h, tl.int64) * skh
-    v_base = V + tl.cast(b, tl.int64) * svb + tl.cast(h, tl.int64) * svh
+    k_base = _head(K, b, h, skb, skh)
+    v_base = _head(V, b, h, svb, svh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(_tile(k_base, cols, offs_d, skn), mask=kv_mask, other=0.0)
+        v = tl.load(_tile(v_base, cols, offs_d, svn), mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.where(mask_n[None, :], tl.exp2(qk - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     dq = dq * scale
-    tl.store(DQ + tl.cast(b, tl.int64) * sgb + tl.cast(h, tl.int64) * sgh + offs_m[:, None].to(tl.int64) * sgn
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(_tile(_head(DQ, b, h, sgb, sgh), offs_m, offs_d, sgn), dq.to(DQ.dtype.element_ty), mask=q_mask)
