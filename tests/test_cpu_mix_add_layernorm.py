@@ -97,12 +97,15 @@ def test_one_output_used(use, kind, mix_after_norm):
 
 @pytest.mark.parametrize("kind", ("shift", "optimal", "dense"))
 @pytest.mark.parametrize("grid", ((1, 8), (7, 3), (4, 5)))
+@pytest.mark.parametrize("B", (2, 4))
 @pytest.mark.parametrize("mix_after_norm", (False, True))
-def test_rows_bundles(kind, grid, mix_after_norm):
-    """Axis rows mixes several grid columns per task (all of a sample's with one thread; fewer, and a
-    partial last bundle, when one sample must feed two threads).  Grid heights 1 (the identity), odd
-    and even.  The oracle holds for every bundling, and each row's arithmetic does not depend on it:
-    outputs and dx are bitwise the same for 1 and 2 threads."""
+def test_rows_bundles(kind, grid, B, mix_after_norm):
+    """Axis rows mixes several grid columns per task: all of a sample's when that still gives 4 tasks
+    per thread, else fewer.  With B = 4 one thread takes whole samples and two threads split them
+    (a partial last bundle for 3 and 5 columns); with B = 2 one thread splits them and two threads go
+    down to one or two columns per task.  Grid heights 1 (the identity), odd and even.  The oracle
+    holds for every bundling, and each row's arithmetic does not depend on it: outputs and dx are
+    bitwise the same for 1 and 2 threads."""
     N = 1 + grid[0] * grid[1]
     cfg = NoiseConfig(kind=kind, axis="rows", alpha=ALPHA, allow_batch_dependence=True,
                       matrix=dense_q(grid[0], 0) if kind == "dense" else None)
@@ -111,8 +114,8 @@ def test_rows_bundles(kind, grid, mix_after_norm):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            run_case(1, N, 123, 1, kind, "rows", mix_after_norm, torch.float32, grid=grid)
-            t = make_inputs(1, N, 123, has_res=True, has_w=True, has_b=True, seed=3)[1](torch.float32)
+            run_case(B, N, 123, 1, kind, "rows", mix_after_norm, torch.float32, grid=grid)
+            t = make_inputs(B, N, 123, has_res=True, has_w=True, has_b=True, seed=3)[1](torch.float32)
             normed, res = fused(t["x"], t["residual"], t["weight"], t["bias"], mix=cfg, prefix_tokens=1,
                                 grid=grid, mix_after_norm=mix_after_norm)
             (normed * torch.linspace(-1, 1, 123) + res).sum().backward()

@@ -17,8 +17,8 @@ namespace noisynn {
 namespace cpu {
 namespace isa_default {
 
-// The kernels' 32-byte vector helpers are internal (always inlined), so the AVX calling-convention
-// note GCC gives for them without AVX does not concern any interface.
+// The kernels' 32-byte vector helpers are internal to this file, so the AVX calling-convention note
+// GCC may give for them without AVX does not concern any interface.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
 #include "mix_add_layernorm_kernels.h"

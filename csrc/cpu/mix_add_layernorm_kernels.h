@@ -15,7 +15,7 @@
 // fp32 buffer) once, so every input is read once from memory and the groups stay in cache.  For axis
 // rows a task takes several columns of one sample's grid together and walks their rows in memory
 // order (mix_bundle).
-//   shift    streams the group keeping one partner row (O(K D));
+//   shift    streams the group keeping one partner row (and, transposed, s_0 for the last row; O(K D));
 //   optimal  one column sum per group, then the rows (O(K D));
 //   dense    loops over the K x K matrix (O(K^2 D)).
 // Backward applies M^T (shift partner i + 1, optimal is symmetric, dense the transposed matrix).
@@ -23,7 +23,8 @@
 // per-thread partials reduced by the caller.
 // No include guard on purpose: included once per instruction-set namespace.
 
-// optimal keeps the group's source rows in an fp32 buffer up to this size (else recomputes them).
+// optimal keeps a task's source rows in an fp32 buffer up to this size (else recomputes them); the
+// axis-rows bundle is also halved until its kept rows (optimal, dense) fit.
 constexpr int64_t kMaxGroupBufferFloats = int64_t(1) << 21;  // 8 MiB
 // elements per task of the unmixed rows (ATen's grain size for elementwise work)
 constexpr int64_t kGrainSize = 32768;
@@ -116,8 +117,9 @@ inline float row_sum_minus(const float* v, float c, int64_t D) {
   return s;
 }
 
-// 8 consecutive values of a row as fp32 / stored from fp32 in the row's dtype (by reference: no 32-byte
-// vector crosses a function boundary by value, which would change the calling convention without AVX)
+// 8 consecutive values of a row as fp32 / stored from fp32 in the row's dtype.  The vector is passed by
+// reference: these are not always inlined (bf16 / fp16 loops), and a 32-byte vector passed by value
+// draws GCC's calling-convention note in the baseline build (load8 / hsum8 are inlined and do not).
 template <typename T>
 inline void load8_f(const T* p, F8& v) {
   if constexpr (std::is_same_v<T, float>) {
@@ -307,7 +309,7 @@ class WorkBuffer {
   float* ptr_ = nullptr;
 };
 
-// Work buffer of one task mixing nb groups whose rows interleave (bundle_rows): in floats.
+// Work buffer of one mix_bundle task over nb groups, in floats.
 inline int64_t bundle_work_floats(int64_t D, int64_t K, int64_t nb, bool keep) {
   return D + 4 * nb * D + (keep ? K * nb * D : 0);
 }
@@ -324,11 +326,13 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
                        bool transpose, bool keep, float* work, Src& src, Sink& sink) {
   const int64_t D = G.D, K = G.K;
   float* scratch = work;
-  float* A = work + D;               // per group: the partner row (shift), the block sum (optimal)
-  float* Bf = A + nb * D;            // per group: the current row (shift)
-  float* C = Bf + nb * D;            // per group: s_0 (transposed shift), the column sum (optimal)
-  float* E = C + nb * D;             // per group: the Kahan compensation (optimal); one output row
-  float* S = E + nb * D;             // keep: source row (i, c) at S + (i * nb + c) * D
+  // per group c, D floats each at offset c * D:
+  float* A = work + D;     // shift: partner / current row, alternating with Bf; optimal: the block sum
+                           // (its first D: the output row); dense: the output row (first D)
+  float* Bf = A + nb * D;  // shift: see A; optimal without keep: the recomputed source row (first D)
+  float* C = Bf + nb * D;  // transposed shift: s_0; optimal: the column sum
+  float* E = C + nb * D;   // optimal: the Kahan compensation; transposed shift: the output row (first D)
+  float* S = E + nb * D;   // keep: source row (i, c) at S + (i * nb + c) * D
   auto row = [&](int64_t c, int64_t i) { return G.row(g0 + c, i); };
   if (kind == KIND_SHIFT && !transpose) {
     // y_i = (1 - a) s_i + a s_{i-1}, s_{-1} = s_{K-1}: stream the groups keeping one partner row each
@@ -420,8 +424,9 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
 }
 
 // Runs src -> (mix) -> sink over every row: unmixed rows (identity, prefix tokens) in blocks of rows,
-// mixed rows one bundle of groups per task.  Axis rows bundles a sample's grid columns (as many as
-// keep the work in cache and the threads busy); the other axes mix one group per task.
+// mixed rows one bundle of groups per task.  Axis rows bundles consecutive grid columns of a sample
+// (all of them when that leaves kTasksPerThread tasks per thread and the kept rows fit the buffer
+// limit; fewer otherwise); the other axes mix one group per task.
 template <typename Src, typename Sink>
 void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bool transpose, Src& src, Sink& sink) {
   const int64_t D = G.D, K = G.K;
@@ -446,10 +451,12 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
   }
   const bool kept_kind = kind == KIND_DENSE || kind == KIND_OPTIMAL;
   // nb: groups per task.  Only axis rows has interleaved groups (step > 1); halve the bundle while it
-  // leaves threads idle or its kept rows exceed the buffer limit.
+  // gives fewer than kTasksPerThread tasks per thread (a few tasks per thread keep the static split of
+  // parallel_for balanced) or its kept rows exceed the buffer limit.
+  constexpr int64_t kTasksPerThread = 4;
   int64_t nb = G.step;
-  const int64_t threads = at::get_num_threads();
-  while (nb > 1 && ((G.groups / G.step) * ((G.step + nb - 1) / nb) < threads ||
+  const int64_t min_tasks = kTasksPerThread * at::get_num_threads();
+  while (nb > 1 && ((G.groups / G.step) * ((G.step + nb - 1) / nb) < min_tasks ||
                     (kept_kind && K * nb * D > kMaxGroupBufferFloats))) {
     nb = (nb + 1) / 2;
   }
