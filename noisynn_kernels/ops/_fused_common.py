@@ -21,15 +21,14 @@ import torch
 from torch import Tensor
 
 from .. import quality
+from .._op_codes import AXIS_CODES, KIND_CODES
 from ..errors import ConfigError
 from ..functional import MixSpec
 
 __all__ = ["KIND_CODES", "AXIS_CODES", "fwd_fake", "bwd_fake", "setup_context", "make_backward",
            "dense_mix_matrix"]
 
-#: Op-schema codes of the mixing kinds and axes (every family's kernels use these values).
-KIND_CODES = {"identity": 0, "shift": 1, "optimal": 2, "dense": 3}
-AXIS_CODES = {"tokens": 0, "rows": 1, "batch": 2}
+# KIND_CODES / AXIS_CODES: the op-schema codes of the mixing kinds and axes (noisynn_kernels._op_codes).
 
 
 def fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,

@@ -1,10 +1,9 @@
 """Mixing kind and axis codes as Triton constexprs, shared by the Triton kernels; the values are the
-op-schema codes of :data:`noisynn_kernels.ops._fused_common.KIND_CODES` / ``AXIS_CODES`` (the C++
-and CUDA kernels use the same)."""
+op-schema codes of :mod:`noisynn_kernels._op_codes` (the C++ and CUDA kernels use the same)."""
 
 import triton.language as tl
 
-from ..ops._fused_common import AXIS_CODES, KIND_CODES
+from .._op_codes import AXIS_CODES, KIND_CODES
 
 # Mixing kinds.
 IDENTITY = tl.constexpr(KIND_CODES["identity"])
