@@ -197,8 +197,7 @@ def mix_kernel(
     mask_r = n < N
     mask_d = offs_d < DH
     mask = mask_r[:, None] & mask_d[None, :]
-    src_row = tl.cast(b, tl.int64) * ssb + tl.cast(h, tl.int64) * ssh + n.to(tl.int64) * ssn
-    x = tl.load(SRC + src_row[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(_tile(_head(SRC, b, h, ssb, ssh), n, offs_d, ssn), mask=mask, other=0.0).to(tl.float32)
     y = x
     if KIND != IDENTITY:
         p = n - P
@@ -247,13 +246,11 @@ def mix_kernel(
                 acc += m[:, None] * u
             y = tl.where(mixed[:, None], acc, x)
     if STORE_OUT:
-        out_row = tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh + n.to(tl.int64) * son
         y_st = y.to(OUT.dtype.element_ty)
-        tl.store(OUT + out_row[:, None] + offs_d[None, :], y_st, mask=mask)
+        tl.store(_tile(_head(OUT, b, h, sob, soh), n, offs_d, son), y_st, mask=mask)
         y = y_st.to(tl.float32)
     if WITH_DELTA:
-        o_row = tl.cast(b, tl.int64) * s_ob + tl.cast(h, tl.int64) * s_oh + n.to(tl.int64) * s_on
-        o = tl.load(O + o_row[:, None] + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+        o = tl.load(_tile(_head(O, b, h, s_ob, s_oh), n, offs_d, s_on), mask=mask, other=0.0).to(tl.float32)
         tl.store(DELTA + tl.cast(pid_bh, tl.int64) * N + n, tl.sum(y * o, axis=1), mask=mask_r)
 
 
