@@ -44,7 +44,7 @@ inline F8 load8(const float* p) {
   return v;
 }
 
-inline float hsum8(F8 v) {  // pairwise: (0..3 + 4..7), then (0,1 + 2,3), then 0 + 1
+inline float hsum8(const F8& v) {  // pairwise: (0..3 + 4..7), then (0,1 + 2,3), then 0 + 1
   const float a0 = v[0] + v[4], a1 = v[1] + v[5], a2 = v[2] + v[6], a3 = v[3] + v[7];
   return (a0 + a2) + (a1 + a3);
 }
@@ -118,8 +118,8 @@ inline float row_sum_minus(const float* v, float c, int64_t D) {
 }
 
 // 8 consecutive values of a row as fp32 / stored from fp32 in the row's dtype.  The vector is passed by
-// reference: these are not always inlined (bf16 / fp16 loops), and a 32-byte vector passed by value
-// draws GCC's calling-convention note in the baseline build (load8 / hsum8 are inlined and do not).
+// reference (as to hsum8): a 32-byte vector passed by value, or returned from a function that is not
+// inlined (these are not, for bf16 / fp16), draws GCC's calling-convention note in the baseline build.
 template <typename T>
 inline void load8_f(const T* p, F8& v) {
   if constexpr (std::is_same_v<T, float>) {
