@@ -9,12 +9,10 @@
 #include <cstdint>
 #include <optional>
 
+#include "op_codes.h"
+
 namespace noisynn {
 namespace op_checks {
-
-// Op-schema codes (the same as the Triton ops' and the kernels').
-constexpr int64_t KIND_IDENTITY = 0, KIND_SHIFT = 1, KIND_OPTIMAL = 2, KIND_DENSE = 3;
-constexpr int64_t AXIS_TOKENS = 0, AXIS_ROWS = 1, AXIS_BATCH = 2;
 
 // (B, N, D) tokens of a supported dtype on a `device_type` device; valid codes and geometry.
 inline void check_common(const char* op, const at::Tensor& t, c10::DeviceType device_type, int64_t kind,

@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "../op_codes.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define NOISYNN_CPU_AVX2 1
 #else
@@ -21,10 +23,6 @@
 
 namespace noisynn {
 namespace cpu {
-
-// Op-schema codes (the same as the CUDA and Triton ops').
-constexpr int64_t KIND_IDENTITY = 0, KIND_SHIFT = 1, KIND_OPTIMAL = 2, KIND_DENSE = 3;
-constexpr int64_t AXIS_TOKENS = 0, AXIS_ROWS = 1, AXIS_BATCH = 2;
 
 // What is mixed and how: (B, N, D) tokens, P prefix tokens, grid_w (axis rows), kind / axis codes,
 // alpha (shift) and the K x K fp32 mixing matrix (dense; else nullptr).

@@ -9,14 +9,11 @@
 
 #include <cstdint>
 
+#include "../op_codes.h"
 #include "build_info.h"
 
 namespace noisynn {
 namespace cuda {
-
-// Op-schema codes (the same as the CPU and Triton ops').
-constexpr int64_t KIND_IDENTITY = 0, KIND_SHIFT = 1, KIND_OPTIMAL = 2, KIND_DENSE = 3;
-constexpr int64_t AXIS_TOKENS = 0, AXIS_ROWS = 1, AXIS_BATCH = 2;
 
 // What is mixed and how: (B, N, D) tokens, P prefix tokens, the kind / axis codes, alpha (shift),
 // grid_w (axis rows), and the K x K fp32 mixing matrix on the tensors' device (dense; else undefined).
