@@ -84,12 +84,21 @@ void advise_hugepages(const at::Tensor& t) {
 
 using at::Tensor;
 
+// The kernels of the instruction set cpu_isa() picked, chosen once.
+struct Kernels {
+  void (*fwd)(const cpu::FwdArgs&);
+  void (*bwd)(const cpu::BwdArgs&);
+};
+
+const Kernels& kernels() {
+  static const Kernels k = [] {
 #if NOISYNN_CPU_AVX2
-bool use_avx2() {
-  static const bool avx2 = std::string(cpu::cpu_isa()) == "avx2";
-  return avx2;
-}
+    if (std::strcmp(cpu::cpu_isa(), "avx2") == 0) return Kernels{cpu::isa_avx2::fwd, cpu::isa_avx2::bwd};
 #endif
+    return Kernels{cpu::isa_default::fwd, cpu::isa_default::bwd};
+  }();
+  return k;
+}
 
 cpu::MixGeometry geometry(int64_t B, int64_t N, int64_t D, int64_t P, int64_t grid_w, int64_t kind, int64_t axis,
                           double alpha, const Tensor& M) {
@@ -137,13 +146,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
   a.rout = rout.mutable_data_ptr();
   a.mean = mean.mutable_data_ptr<float>();
   a.rstd = rstd.mutable_data_ptr<float>();
-#if NOISYNN_CPU_AVX2
-  if (use_avx2()) {
-    cpu::isa_avx2::fwd(a);
-    return {normed, rout, mean, rstd};
-  }
-#endif
-  cpu::isa_default::fwd(a);
+  kernels().fwd(a);
   return {normed, rout, mean, rstd};
 }
 
@@ -179,7 +182,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
   Tensor db_part = at::zeros({2 * n_parts, D}, residual_out.options().dtype(at::kFloat));
   if (residual_out.numel() > 0) {
     const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
-  const Tensor M = op_checks::dense_matrix(op, mix_matrix, kind, K, at::kCPU);
+    const Tensor M = op_checks::dense_matrix(op, mix_matrix, kind, K, at::kCPU);
     cpu::BwdArgs a{};
     a.g = geometry(B, N, D, prefix_tokens, grid_w, kind, axis, alpha, M);
     a.dtype = dtype;
@@ -194,15 +197,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
     a.dw_part = dw_part.mutable_data_ptr<float>();
     a.db_part = db_part.mutable_data_ptr<float>();
     a.n_parts = n_parts;
-#if NOISYNN_CPU_AVX2
-    if (use_avx2()) {
-      cpu::isa_avx2::bwd(a);
-    } else {
-      cpu::isa_default::bwd(a);
-    }
-#else
-    cpu::isa_default::bwd(a);
-#endif
+    kernels().bwd(a);
   }
   return {dx, dw_part.sum(0), db_part.sum(0)};
 }
