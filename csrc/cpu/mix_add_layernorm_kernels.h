@@ -49,34 +49,32 @@ inline float hsum8(const F8& v) {  // pairwise: (0..3 + 4..7), then (0,1 + 2,3),
   return (a0 + a2) + (a1 + a3);
 }
 
-inline float row_sq_dev(const float* v, float mean, int64_t D) {
+// The one reduction order of the kernels: vec(d, acc) adds the terms d .. d + 7 into the 8-lane acc
+// (two accumulators: even and odd chunks of 8), one(d) returns term d of the tail; the result is
+// hsum8(acc0 + acc1) plus the tail in order.  Both instruction-set builds add the same way.
+template <typename Vec, typename One>
+inline float row_reduce(int64_t D, Vec&& vec, One&& one) {
   F8 a0 = {}, a1 = {};
   int64_t d = 0;
   for (; d + 2 * W <= D; d += 2 * W) {
-    const F8 x0 = load8(v + d) - mean, x1 = load8(v + d + W) - mean;
-    a0 += x0 * x0;
-    a1 += x1 * x1;
+    vec(d, a0);
+    vec(d + W, a1);
   }
-  for (; d + W <= D; d += W) {
-    const F8 x0 = load8(v + d) - mean;
-    a0 += x0 * x0;
-  }
+  for (; d + W <= D; d += W) vec(d, a0);
   float s = hsum8(a0 + a1);
-  for (; d < D; ++d) s += (v[d] - mean) * (v[d] - mean);
+  for (; d < D; ++d) s += one(d);
   return s;
 }
 
-inline float row_dot(const float* a, const float* b, int64_t D) {
-  F8 a0 = {}, a1 = {};
-  int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    a0 += load8(a + d) * load8(b + d);
-    a1 += load8(a + d + W) * load8(b + d + W);
-  }
-  for (; d + W <= D; d += W) a0 += load8(a + d) * load8(b + d);
-  float s = hsum8(a0 + a1);
-  for (; d < D; ++d) s += a[d] * b[d];
-  return s;
+// sum of (v - mean)^2 over a row
+inline float row_sq_dev(const float* v, float mean, int64_t D) {
+  return row_reduce(
+      D,
+      [&](int64_t d, F8& acc) {
+        const F8 x = load8(v + d) - mean;
+        acc += x * x;
+      },
+      [&](int64_t d) { return (v[d] - mean) * (v[d] - mean); });
 }
 
 template <typename T>
@@ -103,18 +101,9 @@ inline void store_row(const float* __restrict__ src, T* __restrict__ dst, int64_
   }
 }
 
-// sum of (v - c) over a row (c = 0: the plain sum, exactly)
+// sum of (v - c) over a row
 inline float row_sum_minus(const float* v, float c, int64_t D) {
-  F8 a0 = {}, a1 = {};
-  int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    a0 += load8(v + d) - c;
-    a1 += load8(v + d + W) - c;
-  }
-  for (; d + W <= D; d += W) a0 += load8(v + d) - c;
-  float s = hsum8(a0 + a1);
-  for (; d < D; ++d) s += v[d] - c;
-  return s;
+  return row_reduce(D, [&](int64_t d, F8& acc) { acc += load8(v + d) - c; }, [&](int64_t d) { return v[d] - c; });
 }
 
 // 8 consecutive values of a row as fp32 / stored from fp32 in the row's dtype.  The vector is passed by
@@ -155,26 +144,18 @@ inline float row_rstd(const float* v, float mean, int64_t D, float eps) {
 template <typename T>
 inline float store_row_mean(const float* v, T* __restrict__ dst, int64_t D) {
   const float c = v[0];
-  F8 a0 = {}, a1 = {};
-  int64_t d = 0;
-  for (; d + 2 * W <= D; d += 2 * W) {
-    const F8 v0 = load8(v + d), v1 = load8(v + d + W);
-    store8_t(dst + d, v0);
-    store8_t(dst + d + W, v1);
-    a0 += v0 - c;
-    a1 += v1 - c;
-  }
-  for (; d + W <= D; d += W) {
-    const F8 v0 = load8(v + d);
-    store8_t(dst + d, v0);
-    a0 += v0 - c;
-  }
-  float s = hsum8(a0 + a1);
-  for (; d < D; ++d) {
-    dst[d] = static_cast<T>(v[d]);
-    s += v[d] - c;
-  }
-  return c + s / static_cast<float>(D);
+  const float sum = row_reduce(
+      D,
+      [&](int64_t d, F8& acc) {
+        const F8 x = load8(v + d);
+        store8_t(dst + d, x);
+        acc += x - c;
+      },
+      [&](int64_t d) {
+        dst[d] = static_cast<T>(v[d]);
+        return v[d] - c;
+      });
+  return c + sum / static_cast<float>(D);
 }
 
 // mean and 1/std of a row
@@ -189,7 +170,7 @@ inline std::pair<float, float> row_stats(const float* v, int64_t D, float eps) {
 //   pass 2  out = (gw - (xhat * c1 + c2)) * rstd (+ dr),  c1 = sum(xhat * gw) / D, c2 = sum(gw) / D.
 // g: the gradient wrt the normalized row before the affine (G: the row's dtype in memory, or an fp32
 // buffer, which may be `out` itself); r: the LN input; dr: gradient added to the result or nullptr;
-// xhat: D floats of scratch.  The reductions add in row_dot's order.
+// xhat: D floats of scratch.  Both sums are taken in one loop, in row_reduce's order.
 template <bool kAcc, bool kW, typename G, typename T>
 inline void ln_back_row(const G* g, const T* __restrict__ r, const T* __restrict__ dr, const float* __restrict__ w,
                         float mean, float rstd, float invD, float* __restrict__ dw, float* __restrict__ db,
