@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..functional import MixSpec
 
 __all__ = ["KIND_CODES", "AXIS_CODES", "fwd_fake", "bwd_fake", "setup_context", "make_backward",
-           "dense_mix_matrix"]
+           "dense_mix_matrix", "run_fwd"]
 
 # KIND_CODES / AXIS_CODES: the op-schema codes of the mixing kinds and axes (noisynn_kernels._op_codes).
 
@@ -100,3 +100,15 @@ def dense_mix_matrix(spec: MixSpec, device: torch.device) -> Optional[Tensor]:
     if not torch.compiler.is_compiling() and not torch.isfinite(mix_matrix).all():
         raise ConfigError("dense quality matrix has non-finite entries (in fp32); expected finite values")
     return mix_matrix
+
+
+def run_fwd(fwd_op: Callable, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+            bias: Optional[Tensor], eps: float, spec: MixSpec, mix_after_norm: bool):
+    """Call a ``mix_add_layernorm_fwd*`` op with the schema arguments of a validated ``spec``:
+    ``(normed, residual_out)``."""
+    cfg = spec.cfg
+    grid_w = spec.grid[1] if spec.grid is not None else 1
+    normed, residual_out, _, _ = fwd_op(
+        x, residual, weight, bias, float(eps), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha),
+        dense_mix_matrix(spec, x.device), spec.prefix_tokens, grid_w, mix_after_norm, bool(cfg.straight_through))
+    return normed, residual_out

@@ -27,7 +27,7 @@ from torch import Tensor
 from .._ext import backend_status
 from ..errors import BackendUnavailableError, ShapeError
 from ..functional import MixSpec
-from ._fused_common import AXIS_CODES, KIND_CODES, bwd_fake, dense_mix_matrix, fwd_fake, make_backward, setup_context
+from ._fused_common import AXIS_CODES, KIND_CODES, bwd_fake, fwd_fake, make_backward, run_fwd, setup_context
 
 __all__ = ["launch", "available", "KIND_CODES", "AXIS_CODES"]
 
@@ -43,6 +43,7 @@ def available() -> bool:
 
 
 if available():
+    # here, not in a shared helper: torch checks that fakes are registered from the op's python module
     torch.library.register_fake(_FWD)(fwd_fake)
     torch.library.register_fake(_BWD)(bwd_fake)
     torch.library.register_autograd(_FWD, make_backward(torch.ops.noisynn.mix_add_layernorm_bwd_cuda),
@@ -62,9 +63,4 @@ def launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias
         raise BackendUnavailableError(f"the cuda mix_add_layernorm needs CUDA tensors, got x on {x.device}")
     if x.dtype not in _SUPPORTED_DTYPES:
         raise ShapeError(f"x has dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
-    cfg = spec.cfg
-    grid_w = spec.grid[1] if spec.grid is not None else 1
-    normed, residual_out, _, _ = torch.ops.noisynn.mix_add_layernorm_fwd_cuda(
-        x, residual, weight, bias, float(eps), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha),
-        dense_mix_matrix(spec, x.device), spec.prefix_tokens, grid_w, mix_after_norm, bool(cfg.straight_through))
-    return normed, residual_out
+    return run_fwd(torch.ops.noisynn.mix_add_layernorm_fwd_cuda, x, residual, weight, bias, eps, spec, mix_after_norm)

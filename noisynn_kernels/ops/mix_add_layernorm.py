@@ -39,7 +39,7 @@ from .._ext import triton_interpreted
 from ..errors import BackendUnavailableError, ShapeError
 from ..functional import MixSpec, check_mix_add_layernorm
 from ..triton import mix_layernorm as kernels
-from ._fused_common import AXIS_CODES, KIND_CODES, bwd_fake, dense_mix_matrix, fwd_fake, make_backward, setup_context
+from ._fused_common import AXIS_CODES, KIND_CODES, bwd_fake, fwd_fake, make_backward, run_fwd, setup_context
 
 __all__ = ["mix_add_layernorm", "launch", "mix_add_layernorm_fwd", "mix_add_layernorm_bwd", "KIND_CODES", "AXIS_CODES"]
 
@@ -268,9 +268,4 @@ def launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias
     if INTERPRETED and x.dtype == torch.bfloat16:
         raise BackendUnavailableError("Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got x of dtype "
                                       "torch.bfloat16, expected float16 or float32")
-    cfg = spec.cfg
-    grid_w = spec.grid[1] if spec.grid is not None else 1
-    normed, residual_out, _, _ = mix_add_layernorm_fwd(
-        x, residual, weight, bias, float(eps), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha),
-        dense_mix_matrix(spec, x.device), spec.prefix_tokens, grid_w, mix_after_norm, bool(cfg.straight_through))
-    return normed, residual_out
+    return run_fwd(mix_add_layernorm_fwd, x, residual, weight, bias, eps, spec, mix_after_norm)
