@@ -77,28 +77,20 @@ inline float row_sq_dev(const float* v, float mean, int64_t D) {
       [&](int64_t d) { return (v[d] - mean) * (v[d] - mean); });
 }
 
-template <typename T>
-inline void load_row(const T* __restrict__ src, float* __restrict__ dst, int64_t D) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, D * sizeof(float));
+// Copies a row of D values, converting From -> To (fp32 <-> the tensor's dtype; a memcpy when equal).
+template <typename From, typename To>
+inline void convert_row(const From* __restrict__ src, To* __restrict__ dst, int64_t D) {
+  if constexpr (std::is_same_v<From, To>) {
+    std::memcpy(dst, src, D * sizeof(To));
   } else {
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<To>(src[d]);
   }
 }
 
 template <typename T>
 inline void load_sum_row(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ dst, int64_t D) {
-  if (b == nullptr) return load_row(a, dst, D);
+  if (b == nullptr) return convert_row(a, dst, D);
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(a[d]) + static_cast<float>(b[d]);
-}
-
-template <typename T>
-inline void store_row(const float* __restrict__ src, T* __restrict__ dst, int64_t D) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, D * sizeof(float));
-  } else {
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(src[d]);
-  }
 }
 
 // sum of (v - c) over a row
@@ -490,13 +482,13 @@ void fwd_impl(const FwdArgs& A) {
       add(row, out);
       auto [mu, rs] = row_stats(out, D, eps);
       if (first) {
-        store_row(out, op + row * D, D);
+        convert_row(out, op + row * D, D);
         mp[row] = mu;
         sp[row] = rs;
       }
       normalize_store(out, mu, rs, wp, bp, out, D);
     };
-    auto sink = [=](int64_t row, float* v, float*) { store_row(v, yp + row * D, D); };
+    auto sink = [=](int64_t row, float* v, float*) { convert_row(v, yp + row * D, D); };
     run_rows(G, kind, alpha, mix, false, src, sink);
   }
 }
@@ -562,14 +554,14 @@ void bwd_impl(const BwdArgs& A) {
   if (!mix_after_norm) {
     // g = LN-backward(dy) + d_residual_out (gradient wrt r = M s); dx = M^T g
     auto src = [=](int64_t row, float* out, bool first, float* scratch) { ln_back(row, dyp + row * D, out, first, scratch); };
-    auto sink = [=](int64_t row, float* v, float*) { store_row(v, dxp + row * D, D); };
+    auto sink = [=](int64_t row, float* v, float*) { convert_row(v, dxp + row * D, D); };
     run_rows(G, kind, alpha, mix, true, src, sink);
   } else {
     // dz = M^T dy; dx = LN-backward(dz) + d_residual_out
-    auto src = [=](int64_t row, float* out, bool, float*) { load_row(dyp + row * D, out, D); };
+    auto src = [=](int64_t row, float* out, bool, float*) { convert_row(dyp + row * D, out, D); };
     auto sink = [=](int64_t row, float* v, float* scratch) {
       ln_back(row, v, v, true, scratch);
-      store_row(v, dxp + row * D, D);
+      convert_row(v, dxp + row * D, D);
     };
     run_rows(G, kind, alpha, mix, true, src, sink);
   }
