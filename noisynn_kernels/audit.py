@@ -31,7 +31,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -39,8 +38,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import analysis
+from ._progress import Progress
+from .bench.environment import environment
 from .config import NoiseConfig
 from .errors import ConfigError
+from .models import apply_noisynn, model_blocks
 
 __all__ = ["AuditOptions", "MODEL", "load_digits_split", "make_model", "conditions", "run", "write_report",
            "write_plots"]
@@ -215,24 +217,7 @@ _DESCRIPTIONS = {
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
-
-    def __call__(self, what: str) -> None:
-        self.done += 1
-        if not self.quiet:
-            el = time.perf_counter() - self.t0
-            print(f"[{self.done:>3}/{self.total}] {el:6.1f}s  {what}", file=sys.stderr, flush=True)
-
-    def note(self, what: str) -> None:
-        if not self.quiet:
-            print(f"          {time.perf_counter() - self.t0:6.1f}s  {what}", file=sys.stderr, flush=True)
-
-
 def _environment() -> Dict[str, Any]:
-    from .bench.runner import environment
-
     env = dict(environment(torch.device("cpu")))
     env["threads"] = torch.get_num_threads()
     try:
@@ -246,8 +231,6 @@ def _environment() -> Dict[str, Any]:
 
 def _block_input_features(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The residual stream entering the last block (where the sample-local noises sit), ``(N, T, D)``."""
-    from .models.patch import model_blocks
-
     captured: List[torch.Tensor] = []
     handle = model_blocks(model)[-1].register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     was = model.training
@@ -304,8 +287,6 @@ def run(opts: AuditOptions = AuditOptions()) -> dict:
 
 
 def _run(opts: AuditOptions) -> dict:
-    from .models.patch import apply_noisynn
-
     t_start = time.perf_counter()
     os.makedirs(opts.out, exist_ok=True)
     (xtr, ytr), (xte, yte) = load_digits_split(opts.test_fraction)
@@ -316,7 +297,7 @@ def _run(opts: AuditOptions) -> dict:
     n_blocks = MODEL["depth"]
     trained = [c for c, cfg in conds.items() if cfg is None or cfg.train]
     per_seed_tasks = len(trained) + (len(conds) - len(trained)) + 1 + (n_blocks if opts.layer_sensitivity else 0)
-    progress = _Progress(per_seed_tasks * len(seeds) + 2, opts.quiet)
+    progress = Progress(per_seed_tasks * len(seeds) + 2, opts.quiet, width=3)
     progress.note(f"digits: {len(ytr)} train / {len(yte)} test images; {len(seeds)} seed(s) x "
                   f"{opts.epochs} epochs; {torch.get_num_threads()} threads; output {opts.out}")
 

@@ -13,10 +13,10 @@ import json
 import sys
 from typing import List, Optional
 
-__all__ = ["main"]
+__all__ = ["main", "bench_noise"]
 
 
-def _noise_arg(text: str):
+def bench_noise(text: str):
     """``--noise`` of ``noisynn bench``: ``kind``, ``kind:axis``, ``key=value,...`` or JSON -> NoiseConfig, with
     :func:`noisynn_kernels.train.parse_noise` (``default`` gives the bench's default; ``none`` is refused:
     the benchmarks compare noisy paths)."""
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="add the `compiled` competitor: torch.compile of the eager op and of the eager noisy model "
                         "(compile time is excluded from the timings but adds minutes to the run)")
     b.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
-    b.add_argument("--noise", type=_noise_arg, default=None,
+    b.add_argument("--noise", type=bench_noise, default=None,
                    help="model noise: KIND, KIND:AXIS, or FIELD=VALUE,... of NoiseConfig (default: optimal:tokens)")
     b.add_argument("--backend", default=None,
                    help="kernel backend for the noisynn competitor: reference, triton, ... (default: per device, "

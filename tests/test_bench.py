@@ -163,14 +163,14 @@ def test_bench_noise_option_forms():
     """``noisynn bench --noise`` takes the forms ``noisynn train --noise`` takes (one parser); ``none`` is refused."""
     import argparse
 
-    from noisynn_kernels.cli import _noise_arg
+    from noisynn_kernels.cli import bench_noise
 
-    assert _noise_arg("shift:rows") == nk.NoiseConfig(kind="shift", axis="rows")
-    assert _noise_arg("kind=shift,alpha=0.2,eval=false") == nk.NoiseConfig(kind="shift", alpha=0.2, eval=False)
-    assert _noise_arg('{"kind": "optimal", "axis": "rows"}') == nk.NoiseConfig(kind="optimal", axis="rows")
-    assert _noise_arg("default") is None
+    assert bench_noise("shift:rows") == nk.NoiseConfig(kind="shift", axis="rows")
+    assert bench_noise("kind=shift,alpha=0.2,eval=false") == nk.NoiseConfig(kind="shift", alpha=0.2, eval=False)
+    assert bench_noise('{"kind": "optimal", "axis": "rows"}') == nk.NoiseConfig(kind="optimal", axis="rows")
+    assert bench_noise("default") is None
     with pytest.raises(argparse.ArgumentTypeError, match="noisy paths"):
-        _noise_arg("none")
+        bench_noise("none")
 
 
 def test_environment_records_the_allocator_setting(monkeypatch):

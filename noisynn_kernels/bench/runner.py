@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -33,9 +30,12 @@ import torch.nn.functional as F
 
 from .. import quality
 from .._ext import select_backend
+from .._progress import Progress
 from ..config import NoiseConfig
 from ..functional import mix_add_layernorm
 from .eager import eager_add_noise_layernorm, make_eager
+# MALLOC_ENV, device_name and malloc_setting are imported for the callers that take them from here.
+from .environment import MALLOC_ENV, device_name, environment, malloc_setting  # noqa: F401
 from .timing import Timing, measure_interleaved
 
 __all__ = ["BenchOptions", "run", "environment", "format_table", "op_competitors", "op_bytes",
@@ -76,86 +76,6 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def device_name(device: torch.device) -> str:
-    """A human name of the device: the GPU model, or the CPU model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def _git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-# Environment variables that change how the C library's allocator serves large tensors (set before the
-# process starts); see malloc_setting.
-MALLOC_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-
-
-def malloc_setting() -> str:
-    """The allocator configuration of this process as ``NAME=value`` pairs of :data:`MALLOC_ENV`, or
-    ``"default"``.  On CPU it decides whether a large output is fresh memory, page-faulted on first
-    write, or reused from an earlier free (benchmarks/README.md)."""
-    parts = [f"{k}={os.environ[k]}" for k in MALLOC_ENV if os.environ.get(k)]
-    return " ".join(parts) or "default"
-
-
-def environment(device: torch.device) -> Dict[str, str]:
-    """Versions, device and commit recorded with every result."""
-    import timm
-
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
-    from .. import __version__
-    from .._ext import extension
-
-    env = {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-           "triton": triton_version, "timm": timm.__version__, "noisynn_kernels": __version__,
-           "python": platform.python_version(), "commit": _git_commit(),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if device.type == "cpu":
-        env["threads"] = torch.get_num_threads()
-        info = extension().build_info() if extension() is not None else {}
-        # which build of the C++ kernels ran, and whether their large outputs asked for huge pages
-        env["cpu_isa"] = info.get("cpu_isa", "not built")
-        env["cpu_hugepage_outputs"] = info.get("cpu_hugepage_outputs", False)
-        env["malloc"] = malloc_setting()
-    return env
-
-
-class _Progress:
-    def __init__(self, total: int, quiet: bool):
-        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
-
-    def step(self, what: str) -> None:
-        self.done += 1
-        if not self.quiet:
-            el = time.perf_counter() - self.t0
-            print(f"[{self.done}/{self.total}] {el:6.1f}s  {what}", file=sys.stderr, flush=True)
 
 
 def _row(kind: str, name: str, config: dict, timings: Dict[str, Timing], baselines: List[str], env: dict,
@@ -372,7 +292,7 @@ def run(opts: BenchOptions) -> dict:
     if opts.attention:
         tasks += [("attention", k, m) for m in opts.modes for k in opts.op_kinds]
     tasks += [("model", name, mode) for name in opts.models for mode in ("inference", "train")]
-    progress = _Progress(len(tasks), opts.quiet)
+    progress = Progress(len(tasks), opts.quiet)
     if not opts.quiet:
         print(f"noisynn bench on {env['device']} ({opts.dtype}), torch {env['torch']}: {len(tasks)} benchmarks",
               file=sys.stderr, flush=True)
