@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from .errors import BackendUnavailableError
 
@@ -18,6 +18,8 @@ __all__ = ["extension", "extension_error", "backend_info", "BACKENDS", "requeste
 
 #: Every backend name the package knows.  Which ones exist in this installation: backend_info().
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+# The automatic choice per device, in order of preference (reference when none is available).
+_DEFAULTS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 _ext = None
 _ext_error: Optional[str] = None
@@ -59,17 +61,22 @@ def requested_backend() -> Optional[str]:
     return name
 
 
+# One @triton.jit kernel of each kernel module: its type says whether Triton's interpreter wrapped it.
+_KERNEL_PROBES = (("noisynn_kernels.triton.mix_layernorm", "mix_add_layernorm_fwd_kernel"),
+                  ("noisynn_kernels.triton.attention", "attn_fwd_kernel"),
+                  ("noisynn_kernels.triton.random_noise", "gaussian_noise_kernel"))
+
+
 def triton_interpreted() -> bool:
     """Whether this process's Triton kernels run in Triton's CPU interpreter.  Triton decides when a
     kernel is defined, so once the package's kernel modules are imported their choice is final and
     a later change of ``TRITON_INTERPRET`` does not count."""
     import sys
 
-    for name in ("noisynn_kernels.triton.mix_layernorm", "noisynn_kernels.triton.random_noise"):
+    for name, kernel in _KERNEL_PROBES:
         mod = sys.modules.get(name)
         if mod is not None:
-            return type(getattr(mod, "mix_add_layernorm_fwd_kernel", None)
-                        or getattr(mod, "gaussian_noise_kernel")).__name__ == "InterpretedFunction"
+            return type(getattr(mod, kernel)).__name__ == "InterpretedFunction"
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -110,25 +117,37 @@ def backend_status(name: str, device_type: str) -> Optional[str]:
     raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
-def select_backend(device_type: str, requested: Optional[str] = None) -> str:
-    """The backend that runs fused ops on ``device_type``: ``requested`` (argument, else the
-    ``NOISYNN_BACKEND`` variable) if it can run there, else an error saying why; without a request,
-    on CUDA ``triton`` (else the compiled ``cuda`` kernels), on CPU the compiled ``cpu`` kernels, and
-    ``reference`` where none is built (the Triton interpreter is for tests, never chosen automatically).  Never falls back silently: an unavailable request raises
-    :class:`~noisynn_kernels.BackendUnavailableError`."""
+def select_backend(device_type: str, requested: Optional[str] = None, *, supported: Sequence[str] = BACKENDS,
+                   op: str = "fused ops") -> str:
+    """The backend that runs ``op`` on ``device_type``, among the backends it has (``supported``).
+
+    - An argument ``requested`` (anything but ``None`` / ``''`` / ``'auto'``) must be a backend the op
+      has and that can run there; else :class:`~noisynn_kernels.BackendUnavailableError` says why.
+    - Else ``NOISYNN_BACKEND``, a process-wide preference: used by the ops that have that backend
+      (and then it must be able to run there, else the error), ignored by the ops that have not
+      (e.g. ``NOISYNN_BACKEND=cpu`` for an op with no compiled kernels).
+    - Else the device's default: on CUDA ``triton`` (else the compiled ``cuda`` kernels), on CPU the
+      compiled ``cpu`` kernels, and ``reference`` where none of those is available (the Triton
+      interpreter is for tests, never chosen automatically).
+
+    Never falls back silently from a backend that was asked for."""
     name = requested.strip().lower() if isinstance(requested, str) else requested
-    if name in (None, "", "auto"):
+    explicit = name not in (None, "", "auto")
+    if not explicit:
         name = requested_backend()
+    if name is not None:
+        if name not in BACKENDS:
+            raise BackendUnavailableError(f"backend {name!r} is not a backend; expected 'auto' or one of {BACKENDS}")
+        if name not in supported:
+            if explicit:
+                raise BackendUnavailableError(
+                    f"backend {name!r} has no {op} kernels; expected one of {tuple(supported)}, 'auto' or None")
+            name = None  # the environment's preference does not apply to this op
     if name is None:
-        if device_type == "cuda" and backend_status("triton", "cuda") is None:
-            return "triton"
-        if device_type == "cuda" and backend_status("cuda", "cuda") is None:
-            return "cuda"
-        if device_type == "cpu" and backend_status("cpu", "cpu") is None:
-            return "cpu"
+        for candidate in _DEFAULTS.get(device_type, ()):
+            if candidate in supported and backend_status(candidate, device_type) is None:
+                return candidate
         return "reference"
-    if name not in BACKENDS:
-        raise BackendUnavailableError(f"backend {name!r} is not a backend; expected 'auto' or one of {BACKENDS}")
     why = backend_status(name, device_type)
     if why is not None:
         raise BackendUnavailableError(f"backend {name!r} cannot run on {device_type}: {why}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from . import quality
+from ._checks import AXES, number
 from .errors import BatchDependenceError, ConfigError
 
 __all__ = ["NoiseConfig", "KINDS", "RANDOM_KINDS", "POSITIONS"]
@@ -21,26 +21,12 @@ KINDS = quality.LINEAR_KINDS + RANDOM_KINDS
 #: Where in a model the noise is injected.
 POSITIONS = ("block_input", "attn_input", "attn_output", "image")
 
-_AXES = ("batch", "tokens", "rows")
-
 BATCH_DEPENDENCE_MESSAGE = (
     "mixing along axis='batch' at inference makes every prediction depend on the other samples in its batch "
     "(the NoisyNN paper's headline accuracy was measured this way, on class-sorted test batches). "
     "Pass allow_batch_dependence=True to ask for it explicitly, or set eval=False to mix only in training, "
     "or use a sample-local axis ('tokens' or 'rows')."
 )
-
-
-def _number(name: str, value, *, lo=-math.inf, hi=math.inf) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or not lo <= v <= hi:
-        raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
-    return v
 
 
 @dataclass(frozen=True, eq=False)
@@ -95,8 +81,8 @@ class NoiseConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.axis not in _AXES:
-            raise ConfigError(f"axis must be one of {_AXES}, got {self.axis!r}")
+        if self.axis not in AXES:
+            raise ConfigError(f"axis must be one of {AXES}, got {self.axis!r}")
         if self.position not in POSITIONS:
             raise ConfigError(f"position must be one of {POSITIONS}, got {self.position!r}")
         if isinstance(self.layer, bool) or not isinstance(self.layer, int):
@@ -105,14 +91,14 @@ class NoiseConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
-        set_("alpha", _number("alpha", self.alpha, lo=0.0, hi=1.0))
-        set_("std", _number("std", self.std, lo=0.0))
-        set_("mean", _number("mean", self.mean))
-        set_("strength", _number("strength", self.strength))
-        set_("p", _number("p", self.p, lo=0.0, hi=1.0))
+        set_("alpha", number("alpha", self.alpha, lo=0.0, hi=1.0))
+        set_("std", number("std", self.std, lo=0.0))
+        set_("mean", number("mean", self.mean))
+        set_("strength", number("strength", self.strength))
+        set_("p", number("p", self.p, lo=0.0, hi=1.0))
         for name in ("low", "high"):
             if getattr(self, name) is not None:
-                set_(name, _number(name, getattr(self, name)))
+                set_(name, number(name, getattr(self, name)))
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ConfigError(f"low must be <= high, got low = {self.low}, high = {self.high}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -121,7 +107,7 @@ class NoiseConfig:
         if self.kind == "dense":
             if self.matrix is None:
                 raise ConfigError("kind='dense' needs matrix=Q, a k x k quality matrix")
-            q = quality._as_square(self.matrix, "matrix")
+            q = quality.as_square(self.matrix, "matrix")
             # Finiteness is checked even with check_matrix=False: the override is for the paper's conditions.
             quality.validate(torch.eye(q.shape[0], dtype=torch.float64) + q.detach().double().cpu(),
                              dominance=self.check_matrix, invertible=self.check_matrix)

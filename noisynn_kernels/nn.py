@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._ext import select_backend
 from .config import NoiseConfig
-from .errors import UnsupportedModelError
+from .errors import ConfigError, UnsupportedModelError
 
 __all__ = ["NoiseInjection"]
 
@@ -35,9 +34,9 @@ class NoiseInjection(nn.Module):
     ``config.seed`` set, the random kinds draw from the module's own generator (one per device,
     seeded on first use; :meth:`reset_generator` starts the sequence again).
 
-    Random kinds run the fused Triton kernels where the device's backend is ``triton`` (CUDA by
-    default, see :func:`noisynn_kernels.backend_info`; the kernel's Philox seed is drawn from the
-    same generator), and the reference ops otherwise.
+    Random kinds run through :func:`noisynn_kernels.gaussian_noise` /
+    :func:`noisynn_kernels.salt_and_pepper_noise` with the automatic backend: the fused Triton kernels
+    on CUDA (the kernel's Philox seed drawn from the same generator), the reference ops elsewhere.
 
     Distributed training: ``axis='batch'`` mixes the samples of the batch this process sees, so under
     ``DistributedDataParallel`` each process mixes only its local batch (results differ from one
@@ -118,17 +117,14 @@ class NoiseInjection(nn.Module):
             if check and cfg.kind == "dense":
                 self._validated_k.add(F.mixed_size(x, cfg.axis, prefix, grid))
             return out
-        if select_backend(x.device.type) == "triton":
-            from .ops import random_noise as fused
-
-            gaussian, salt_and_pepper = fused.gaussian_noise_fused, fused.salt_and_pepper_noise_fused
-        else:
-            gaussian, salt_and_pepper = F.gaussian_noise, F.salt_and_pepper_noise
+        generator = self._generator(x)
         if cfg.kind == "gaussian":
-            return gaussian(x, std=cfg.std, mean=cfg.mean, strength=cfg.strength, prefix_tokens=prefix,
-                            generator=self._generator(x))
-        return salt_and_pepper(x, cfg.p, low=cfg.low, high=cfg.high, prefix_tokens=prefix,
-                               generator=self._generator(x))
+            return F.gaussian_noise(x, std=cfg.std, mean=cfg.mean, strength=cfg.strength, prefix_tokens=prefix,
+                                    generator=generator)
+        if cfg.kind == "salt_and_pepper":
+            return F.salt_and_pepper_noise(x, cfg.p, low=cfg.low, high=cfg.high, prefix_tokens=prefix,
+                                           generator=generator)
+        raise ConfigError(f"NoiseInjection has no implementation of kind={cfg.kind!r}")  # a kind added to config only
 
     def extra_repr(self) -> str:
         c = self.config

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ._op_codes import KIND_CODES
 from .errors import ConfigError, QualityMatrixError
 
 __all__ = [
@@ -28,13 +29,15 @@ __all__ = [
     "mixing_matrix",
     "validate",
     "check_structured",
+    "check_alpha",
+    "as_square",
     "entropy_change",
     "shift_entropy_change",
     "optimal_entropy_change",
 ]
 
-#: Kinds of linear transform noise, i.e. the kinds that have a mixing matrix.
-LINEAR_KINDS = ("identity", "shift", "optimal", "dense")
+#: Kinds of linear transform noise, i.e. the kinds that have a mixing matrix (those with an op code).
+LINEAR_KINDS = tuple(KIND_CODES)
 
 #: Default strength ``a`` of the circular-shift quality matrix.
 DEFAULT_ALPHA = 0.3
@@ -55,7 +58,8 @@ def _check_k(k) -> int:
     return k
 
 
-def _check_alpha(alpha) -> float:
+def check_alpha(alpha) -> float:
+    """``alpha`` as a float in ``[0, 1]`` (the shift strength); else :class:`ConfigError`."""
     if isinstance(alpha, bool):  # float(True) == 1.0 would pass silently
         raise ConfigError(f"alpha must be a number in [0, 1], got {alpha!r}")
     try:
@@ -74,7 +78,7 @@ def shift(k: int, alpha: float = DEFAULT_ALPHA, *, dtype=torch.float64, device=N
     the identity permutation, so ``Q = 0``.
     """
     k = _check_k(k)
-    a = _check_alpha(alpha)
+    a = check_alpha(alpha)
     eye = torch.eye(k, dtype=dtype, device=device)
     perm = torch.roll(eye, shifts=1, dims=0)  # perm[(i+1) % k, i] = 1
     return a * perm - a * eye
@@ -107,7 +111,7 @@ def mixing_matrix(kind: str, k: int, alpha: float = DEFAULT_ALPHA, matrix: Optio
     if kind == "optimal":
         return eye + optimal(k, dtype=dtype, device=device)
     if kind == "dense":
-        q = _as_square(matrix, "matrix")
+        q = as_square(matrix, "matrix")
         if q.shape[0] != k:
             raise QualityMatrixError(
                 f"dense quality matrix has size {tuple(q.shape)}, expected ({k}, {k}) for k = {k} mixed rows")
@@ -115,7 +119,9 @@ def mixing_matrix(kind: str, k: int, alpha: float = DEFAULT_ALPHA, matrix: Optio
     raise ConfigError(f"kind must be one of {LINEAR_KINDS} to have a mixing matrix, got {kind!r}")
 
 
-def _as_square(m, name: str) -> torch.Tensor:
+def as_square(m, name: str) -> torch.Tensor:
+    """``m`` as a real, non-empty ``k x k`` floating-point tensor with data (a non-float one in float64);
+    else :class:`QualityMatrixError` naming ``name``."""
     if m is None:
         raise QualityMatrixError(f"{name} is required for kind='dense' (a k x k quality matrix Q), got None")
     if not isinstance(m, torch.Tensor):
@@ -151,7 +157,7 @@ def validate(M: torch.Tensor, *, dominance: bool = True, invertible: bool = True
     ``dominance=False`` / ``invertible=False`` skip those two checks: the explicit override the
     paper's conditions allow for experiments outside them.
     """
-    M = _as_square(M, "M")
+    M = as_square(M, "M")
     m = M.detach().to(device="cpu", dtype=torch.float64)
     if not torch.isfinite(m).all():
         bad = (~torch.isfinite(m)).nonzero()[0].tolist()
@@ -193,7 +199,7 @@ def check_structured(kind: str, k: int, alpha: float = DEFAULT_ALPHA, *, dominan
         return
     if kind != "shift":
         raise ConfigError(f"check_structured takes identity|shift|optimal, got {kind!r}")
-    a = _check_alpha(alpha)
+    a = check_alpha(alpha)
     if invertible and math.isinf(_shift_log_abs_det(k, a)):
         raise QualityMatrixError(
             f"shift mixing matrix with alpha = {a} and k = {k} is not invertible: det = (1-a)^k - (-a)^k = 0; "
@@ -208,7 +214,7 @@ def check_structured(kind: str, k: int, alpha: float = DEFAULT_ALPHA, *, dominan
 def entropy_change(M: torch.Tensor) -> float:
     """The paper's entropy change of the transform, ``dS = -log|det M|`` (natural log, via slogdet in
     float64).  Positive ``dS`` counts as positive noise.  ``inf`` for a singular ``M``."""
-    M = _as_square(M, "M")
+    M = as_square(M, "M")
     sign, logabsdet = torch.linalg.slogdet(M.detach().to(device="cpu", dtype=torch.float64))
     if sign.item() == 0:
         return math.inf
@@ -230,7 +236,7 @@ def shift_entropy_change(k: int, alpha: float = DEFAULT_ALPHA) -> float:
     """Closed form of :func:`entropy_change` for the shift matrix: ``-ln|(1-a)^k - (-a)^k|``
     (computed in log space, so large ``k`` does not underflow); ``inf`` when singular."""
     k = _check_k(k)
-    a = _check_alpha(alpha)
+    a = check_alpha(alpha)
     return -_shift_log_abs_det(k, a)
 
 

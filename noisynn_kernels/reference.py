@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "mix_rows",
@@ -142,24 +143,47 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     return y
 
 
+def _layer_norm_keep_dtype(t: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                           eps: float) -> torch.Tensor:
+    """``F.layer_norm`` over the last dim, computed in the promoted dtype of ``t``, ``weight`` and ``bias``
+    and returned in ``t``'s dtype (``F.layer_norm`` itself rejects e.g. fp32 ``t`` with a bf16 weight)."""
+    dt = t.dtype
+    for p in (weight, bias):
+        if p is not None:
+            dt = torch.promote_types(dt, p.dtype)
+    D = t.shape[-1]
+    if dt == t.dtype and all(p is None or p.dtype == dt for p in (weight, bias)):
+        return F.layer_norm(t, (D,), weight, bias, eps)
+    return F.layer_norm(t.to(dt), (D,), None if weight is None else weight.to(dt),
+                        None if bias is None else bias.to(dt), eps).to(t.dtype)
+
+
 def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                       bias: Optional[torch.Tensor], eps: float = 1e-6, *, kind: str = "identity", axis: str = "tokens",
                       alpha: float = 0.3, M: Optional[torch.Tensor] = None, prefix_tokens: int = 0,
-                      grid: Optional[Tuple[int, int]] = None, mix_after_norm: bool = False):
+                      grid: Optional[Tuple[int, int]] = None, mix_after_norm: bool = False,
+                      straight_through: bool = False):
     """Residual add, ``(I + Q)`` mix and LayerNorm: returns ``(normed, residual_out)``.
 
-    ``s = x + residual``; by default ``residual_out = M s`` and ``normed = LN(residual_out)``; with
-    ``mix_after_norm`` ``residual_out = s`` and ``normed = M LN(s)`` (the official ViT position).
+    The definition of :func:`noisynn_kernels.mix_add_layernorm`, every option included:
+    ``s = x + residual`` (or ``x``); by default ``residual_out = M s`` and ``normed = LN(residual_out)``;
+    with ``mix_after_norm`` ``residual_out = s`` and ``normed = M LN(s)`` (the official ViT position).
+    The mix is :func:`linear_transform_noise` of the ``(B, N, D)`` tensor (prefix tokens never mixed;
+    ``straight_through``: forward ``M t``, gradient the identity).  LayerNorm is ``F.layer_norm`` in the
+    promoted dtype of its input and affine parameters; both outputs have ``x``'s dtype.
     """
     s = x if residual is None else x + residual
 
     def mix(t):
-        return linear_transform_noise(t, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens, grid=grid)
+        if kind == "identity":
+            return t
+        return linear_transform_noise(t, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens, grid=grid,
+                                      straight_through=straight_through)
 
     if mix_after_norm:
-        return mix(layer_norm(s, weight, bias, eps)), s
+        return mix(_layer_norm_keep_dtype(s, weight, bias, eps)), s
     r = mix(s)
-    return layer_norm(r, weight, bias, eps), r
+    return _layer_norm_keep_dtype(r, weight, bias, eps), r
 
 
 def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,

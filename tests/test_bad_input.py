@@ -26,10 +26,9 @@ import noisynn_kernels as nk
 from noisynn_kernels import (BackendUnavailableError, ConfigError, NoiseConfig, NoisyNNError, QualityMatrixError,
                              ShapeError, reference)
 from noisynn_kernels._ext import backend_status
-from noisynn_kernels.ops.random_noise import gaussian_noise_fused, salt_and_pepper_noise_fused, triton_runs_on
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if backend_status(b, "cpu") is None]
-TRITON_NOISE = triton_runs_on(torch.device("cpu"))
+TRITON_NOISE = backend_status("triton", "cpu") is None
 
 
 def _raises(exc, fn, *needles):
@@ -337,14 +336,15 @@ def test_dense_matrix_int_and_list_are_real_matrices():
 
 
 # --------------------------------------------------------------------------------------------------
-# random noises: reference (functional) and fused (Triton) entry points
+# random noises: the reference and the fused (Triton) backends
 
 
 RANDOM_FNS = [("gaussian", lambda x, **kw: nk.gaussian_noise(x, **kw)),
               ("salt_and_pepper", lambda x, **kw: nk.salt_and_pepper_noise(x, kw.pop("p", 0.2), **kw))]
 if TRITON_NOISE:
-    RANDOM_FNS += [("gaussian fused", lambda x, **kw: gaussian_noise_fused(x, **kw)),
-                   ("salt_and_pepper fused", lambda x, **kw: salt_and_pepper_noise_fused(x, kw.pop("p", 0.2), **kw))]
+    RANDOM_FNS += [("gaussian fused", lambda x, **kw: nk.gaussian_noise(x, backend="triton", **kw)),
+                   ("salt_and_pepper fused",
+                    lambda x, **kw: nk.salt_and_pepper_noise(x, kw.pop("p", 0.2), backend="triton", **kw))]
 
 RANDOM_BAD = [
     ("rank 2", dict(x=X(5, 8)), ShapeError, ["rank 2"]),
@@ -391,7 +391,8 @@ def test_random_noise_bad_input(fn, kw, exc, needles):
 @pytest.mark.skipif(not TRITON_NOISE, reason="no Triton here")
 def test_fused_random_noise_bad_seed_and_device():
     x = X(2, 5, 8)
-    for fn in (gaussian_noise_fused, lambda x, **kw: salt_and_pepper_noise_fused(x, 0.1, **kw)):
+    for fn in (lambda x, **kw: nk.gaussian_noise(x, backend="triton", **kw),
+               lambda x, **kw: nk.salt_and_pepper_noise(x, 0.1, backend="triton", **kw)):
         _raises(ConfigError, lambda: fn(x, seed=-1), "seed")
         _raises(ConfigError, lambda: fn(x, seed=1.5), "seed")
         _raises(ConfigError, lambda: fn(x, seed=1, generator=torch.Generator()), "either seed or generator")
@@ -428,7 +429,8 @@ def test_empty_batch_is_a_shape_error_everywhere():
              lambda: nk.gaussian_noise(e3), lambda: nk.salt_and_pepper_noise(e4, 0.1)]
     calls += [lambda b=b: nk.mix_add_layernorm(e3, e3, backend=b) for b in BACKENDS]
     if TRITON_NOISE:
-        calls += [lambda: gaussian_noise_fused(e3), lambda: salt_and_pepper_noise_fused(e4, 0.1)]
+        calls += [lambda: nk.gaussian_noise(e3, backend="triton"),
+                  lambda: nk.salt_and_pepper_noise(e4, 0.1, backend="triton")]
     calls += [lambda: nk.NoiseInjection("optimal").train()(e3), lambda: nk.NoiseInjection("gaussian").train()(e4)]
     for call in calls:
         _raises(ShapeError, call, "empty")

@@ -16,8 +16,8 @@ import torch
 from noisynn_kernels import BackendUnavailableError, NoiseConfig
 from noisynn_kernels import _ext
 from noisynn_kernels._ext import backend_status, extension
-from noisynn_kernels.functional import check_mix_add_layernorm
-from noisynn_kernels.ops import cuda_mix_add_layernorm as cuda_op
+from noisynn_kernels._validate import check_mix_add_layernorm
+from noisynn_kernels.ops.mix_add_layernorm import cpp as cpp_op
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,17 +131,21 @@ def test_build_info_reports_cuda():
     for key in ("cuda", "cuda_kernels", "cuda_arch_list", "cuda_version", "cpu_kernels"):
         assert key in info, key
     assert isinstance(info["cuda"], bool) and isinstance(info["cuda_kernels"], list)
-    registered = [hasattr(torch.ops.noisynn, f"mix_add_layernorm_{d}_cuda") for d in ("fwd", "bwd")]
+    # the C++ op has one schema; its CUDA implementation is registered (by dispatch key) only in CUDA builds
+    registered = [torch._C._dispatch_has_kernel_for_dispatch_key(f"noisynn::mix_add_layernorm_{d}_cpp", "CUDA")
+                  for d in ("fwd", "bwd")]
+    assert all(torch._C._dispatch_has_kernel_for_dispatch_key(f"noisynn::mix_add_layernorm_{d}_cpp", "CPU")
+               for d in ("fwd", "bwd"))
     if info["cuda"]:
         assert "mix_add_layernorm" in info["cuda_kernels"]
         assert re.fullmatch(r"\d+\.\d(;\d+\.\d)*", info["cuda_arch_list"]), info["cuda_arch_list"]
         assert re.fullmatch(r"\d+\.\d+", info["cuda_version"]), info["cuda_version"]
         assert registered == [True, True]
-        assert cuda_op.available()
+        assert cpp_op.available("cuda")
     else:
         assert info["cuda_kernels"] == [] and info["cuda_arch_list"] is None and info["cuda_version"] is None
         assert registered == [False, False]
-        assert not cuda_op.available()
+        assert not cpp_op.available("cuda")
 
 
 def test_build_info_matches_the_requested_build():
@@ -174,9 +178,9 @@ def test_backend_status_cuda_says_why(monkeypatch):
     _pretend_built(monkeypatch, cpu_kernels=["mix_add_layernorm"], cuda_kernels=[], cuda=False)
     why = backend_status("cuda", "cuda")
     assert why is not None and "built without CUDA" in why and "NOISYNN_BUILD_CUDA" in why
-    assert not cuda_op.available()
+    assert not cpp_op.available("cuda")
     with pytest.raises(BackendUnavailableError, match="built without CUDA"):
-        cuda_op.launch(torch.randn(1, 2, 4), None, None, None, 1e-6,
+        cpp_op.launch_cuda(torch.randn(1, 2, 4), None, None, None, 1e-6,
                        check_mix_add_layernorm(torch.randn(1, 2, 4), None, None, None, 1e-6, None, 0, None, False),
                        False)
     _pretend_built(monkeypatch, cpu_kernels=["mix_add_layernorm"], cuda_kernels=["mix_add_layernorm"], cuda=True)
@@ -196,7 +200,7 @@ def test_cuda_launch_refuses_cpu_tensors():
     x = torch.randn(2, 5, 8)
     spec = check_mix_add_layernorm(x, None, None, None, 1e-6, NoiseConfig(kind="shift"), 1, None, False)
     with pytest.raises(BackendUnavailableError, match="cuda"):
-        cuda_op.launch(x, None, None, None, 1e-6, spec, False)
+        cpp_op.launch_cuda(x, None, None, None, 1e-6, spec, False)
     import noisynn_kernels as nk
 
     with pytest.raises(BackendUnavailableError, match="runs CUDA tensors only"):
@@ -204,20 +208,22 @@ def test_cuda_launch_refuses_cpu_tensors():
 
 
 # --------------------------------------------------------------------------------------------------
-# the CUDA ops' fake (meta) implementations and autograd wiring, without a GPU
+# the C++ op's one fake (meta) implementation and autograd wiring, for CPU, CUDA and meta tensors
+# (no GPU needed: fake tensors never reach a kernel)
 
-needs_cuda_ops = pytest.mark.skipif(not cuda_op.available(), reason="the extension was built without CUDA kernels")
+needs_cuda_ops = pytest.mark.skipif(not hasattr(torch.ops.noisynn, "mix_add_layernorm_fwd_cpp"),
+                                    reason="the compiled extension (with the C++ op) is not importable")
 
 
 @needs_cuda_ops
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16))
 def test_cuda_op_meta_shapes(dtype):
     x = torch.empty(3, 7, 40, dtype=dtype, device="meta")
-    normed, res_out, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd_cuda(x, None, None, None, 1e-6, 2, 0, 0.3,
+    normed, res_out, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, None, None, None, 1e-6, 2, 0, 0.3,
                                                                                None, 1, 1, False, False)
     assert normed.shape == res_out.shape == (3, 7, 40) and normed.dtype == res_out.dtype == dtype
     assert mean.shape == rstd.shape == (21,) and mean.dtype == rstd.dtype == torch.float32
-    dx, dw, db = torch.ops.noisynn.mix_add_layernorm_bwd_cuda(normed, None, res_out, None, mean, rstd, 2, 0, 0.3, None,
+    dx, dw, db = torch.ops.noisynn.mix_add_layernorm_bwd_cpp(normed, None, res_out, None, mean, rstd, 2, 0, 0.3, None,
                                                               1, 1, False)
     assert dx.shape == (3, 7, 40) and dx.dtype == dtype
     assert dw.shape == db.shape == (40,) and dw.dtype == db.dtype == torch.float32
@@ -230,7 +236,7 @@ def test_cuda_op_fake_tensors_on_a_cuda_device():
     with FakeTensorMode():
         x = torch.empty(2, 9, 16, dtype=torch.bfloat16, device="cuda")
         M = torch.empty(8, 8, device="cuda")
-        normed, res_out, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd_cuda(x, x, None, None, 1e-6, 3, 0, 0.3, M,
+        normed, res_out, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, x, None, None, 1e-6, 3, 0, 0.3, M,
                                                                                    1, 1, True, False)
         assert normed.device.type == "cuda" and normed.shape == (2, 9, 16) and mean.shape == (18,)
 
@@ -242,8 +248,19 @@ def test_cuda_op_autograd_on_meta_tensors(straight_through):
     input a gradient of its shape and dtype."""
     x, r = (torch.empty(2, 5, 8, dtype=torch.bfloat16, device="meta", requires_grad=True) for _ in range(2))
     w, b = (torch.empty(8, device="meta", requires_grad=True) for _ in range(2))
-    normed, res_out, _, _ = torch.ops.noisynn.mix_add_layernorm_fwd_cuda(x, r, w, b, 1e-6, 1, 0, 0.3, None, 1, 1,
+    normed, res_out, _, _ = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, r, w, b, 1e-6, 1, 0, 0.3, None, 1, 1,
                                                                          False, straight_through)
     (normed.float().sum() + res_out.float().sum()).backward()
     assert x.grad.shape == r.grad.shape == (2, 5, 8) and x.grad.dtype == r.grad.dtype == torch.bfloat16
     assert w.grad.shape == b.grad.shape == (8,) and w.grad.dtype == b.grad.dtype == torch.float32
+
+
+def test_cpp_op_codes_match_the_python_ones():
+    """csrc/op_codes.h repeats noisynn_kernels._op_codes for C++: every kind and axis, the same value."""
+    from noisynn_kernels._op_codes import AXIS_CODES, KIND_CODES
+
+    with open(os.path.join(ROOT, "csrc", "op_codes.h")) as f:
+        header = dict((name, int(v)) for name, v in re.findall(r"\b((?:KIND|AXIS)_[A-Z]+) = (\d+)", f.read()))
+    expected = {f"KIND_{k.upper()}": c for k, c in KIND_CODES.items()}
+    expected.update({f"AXIS_{a.upper()}": c for a, c in AXIS_CODES.items()})
+    assert header == expected

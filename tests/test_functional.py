@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from noisynn_kernels import functional as F
-from noisynn_kernels import quality
+from noisynn_kernels import AXES, quality
 from noisynn_kernels.errors import ConfigError, NoisyNNError, QualityMatrixError, ShapeError
 
 from _oracle import dense_q, gen as _gen
 
-KINDS = ("identity", "shift", "optimal", "dense")
-AXES = ("batch", "tokens", "rows")
+KINDS = quality.LINEAR_KINDS
 ALPHA = 0.3
 
 

@@ -5,6 +5,7 @@ Examples are bounded (and derandomized, so CI runs are reproducible); set ``NOIS
 ``n`` times as many random examples locally.  The Triton interpreter is slow, so its cases are tiny.
 """
 
+import functools
 import os
 
 import pytest
@@ -17,8 +18,6 @@ from hypothesis import strategies as st  # noqa: E402
 import noisynn_kernels as nk  # noqa: E402
 from noisynn_kernels import NoiseConfig, quality, reference  # noqa: E402
 from noisynn_kernels._ext import backend_status  # noqa: E402
-from noisynn_kernels.ops.random_noise import (gaussian_noise_fused, salt_and_pepper_noise_fused,  # noqa: E402
-                                              triton_runs_on)
 
 FUZZ = int(os.environ.get("NOISYNN_FUZZ", "0"))
 FUSED = [b for b in ("cpu", "triton") if backend_status(b, "cpu") is None]
@@ -226,9 +225,8 @@ def test_linear_noise_matches_explicit_product(case):
 # random noises: invariants of the reference and the fused kernels
 
 
-RANDOM = [("reference", nk.gaussian_noise, nk.salt_and_pepper_noise)]
-if triton_runs_on(torch.device("cpu")):
-    RANDOM.append(("triton", gaussian_noise_fused, salt_and_pepper_noise_fused))
+RANDOM = [(b, functools.partial(nk.gaussian_noise, backend=b), functools.partial(nk.salt_and_pepper_noise, backend=b))
+          for b in ("reference", "triton") if backend_status(b, "cpu") is None]
 
 
 @st.composite

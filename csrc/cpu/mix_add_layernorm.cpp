@@ -1,10 +1,10 @@
-// Fused residual add + (I + Q) mix + LayerNorm on CPU:
-//   noisynn::mix_add_layernorm_fwd_cpu, noisynn::mix_add_layernorm_bwd_cpu.
+// Fused residual add + (I + Q) mix + LayerNorm on CPU: the CPU implementation of
+//   noisynn::mix_add_layernorm_fwd_cpp, noisynn::mix_add_layernorm_bwd_cpp (schemas in csrc/ops.cpp).
 //
-// Same schema, semantics and codes as the Triton ops noisynn::mix_add_layernorm_fwd/bwd
-// (noisynn_kernels/ops/mix_add_layernorm.py); the oracle is reference.mix_add_layernorm.
-// This file checks arguments, allocates outputs, picks the kernels' instruction set (cpu_isa()) and
-// registers the ops; the kernels are in mix_add_layernorm_kernels.h (interface: mix_add_layernorm.h).
+// Semantics and codes: noisynn_kernels/ops/mix_add_layernorm/__init__.py; the oracle is
+// reference.mix_add_layernorm.  This file checks arguments, allocates outputs, picks the kernels'
+// instruction set (cpu_isa()) and registers the CPU implementation; the kernels are in
+// mix_add_layernorm_kernels.h (interface: mix_add_layernorm.h).
 #include "mix_add_layernorm.h"
 #include "../op_checks.h"
 
@@ -112,7 +112,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
     const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w, bool mix_after_norm,
     bool straight_through) {
   (void)straight_through;  // only changes the backward (handled by the autograd formula)
-  constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cpu";
+  constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cpp (CPU)";
   op_checks::check_common(op, x_in, c10::DeviceType::CPU, kind, axis, prefix_tokens, grid_w);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
   const Tensor x = x_in.contiguous();
@@ -155,7 +155,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
     const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd, int64_t kind, int64_t axis,
     double alpha, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
     bool mix_after_norm) {
-  constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cpu";
+  constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cpp (CPU)";
   op_checks::check_common(op, residual_out, c10::DeviceType::CPU, kind, axis, prefix_tokens, grid_w);
   const int64_t B = residual_out.size(0), N = residual_out.size(1), D = residual_out.size(2);
   const auto dtype = residual_out.scalar_type();
@@ -204,22 +204,9 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(noisynn, m) {
-  // Fake (meta) implementations and autograd live in Python, in this module.
-  m.set_python_module("noisynn_kernels.ops.cpu_mix_add_layernorm");
-  m.def(
-      "mix_add_layernorm_fwd_cpu(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, int kind, "
-      "int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, int grid_w, bool mix_after_norm, "
-      "bool straight_through) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "mix_add_layernorm_bwd_cpu(Tensor d_normed, Tensor? d_residual_out, Tensor residual_out, Tensor? weight, "
-      "Tensor mean, Tensor rstd, int kind, int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, "
-      "int grid_w, bool mix_after_norm) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(noisynn, CPU, m) {
-  m.impl("mix_add_layernorm_fwd_cpu", &mix_add_layernorm_fwd_cpu);
-  m.impl("mix_add_layernorm_bwd_cpu", &mix_add_layernorm_bwd_cpu);
+  m.impl("mix_add_layernorm_fwd_cpp", &mix_add_layernorm_fwd_cpu);
+  m.impl("mix_add_layernorm_bwd_cpp", &mix_add_layernorm_bwd_cpu);
 }
 
 }  // namespace noisynn

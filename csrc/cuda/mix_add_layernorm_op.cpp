@@ -1,9 +1,8 @@
-// noisynn::mix_add_layernorm_fwd_cuda / _bwd_cuda: the op functions (checks, dtype and layout
-// normalization, output allocation) and their registration; the kernels are in mix_add_layernorm.cu.
-//
-// Same schema, semantics and codes as noisynn::mix_add_layernorm_fwd_cpu / _bwd_cpu
-// (csrc/cpu/mix_add_layernorm.cpp).  Fake (meta) implementations and autograd live in Python, in
-// noisynn_kernels/ops/cuda_mix_add_layernorm.py.
+// The CUDA implementation of noisynn::mix_add_layernorm_fwd_cpp / _bwd_cpp (schemas in csrc/ops.cpp):
+// the op functions (checks, dtype and layout normalization, output allocation) and their
+// registration for the CUDA dispatch key; the kernels are in mix_add_layernorm.cu.  The CPU
+// implementation is csrc/cpu/mix_add_layernorm.cpp; fakes and autograd live in Python, in
+// noisynn_kernels/ops/mix_add_layernorm/cpp.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -29,7 +28,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
     const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w, bool mix_after_norm,
     bool straight_through) {
   (void)straight_through;  // only changes the backward (handled by the autograd formula)
-  constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cuda";
+  constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cpp (CUDA)";
   op_checks::check_common(op, x_in, c10::DeviceType::CUDA, kind, axis, prefix_tokens, grid_w);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
@@ -60,7 +59,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cuda(
     const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd, int64_t kind, int64_t axis,
     double alpha, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
     bool mix_after_norm) {
-  constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cuda";
+  constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cpp (CUDA)";
   op_checks::check_common(op, residual_out, c10::DeviceType::CUDA, kind, axis, prefix_tokens, grid_w);
   const c10::cuda::CUDAGuard guard(residual_out.device());
   const int64_t B = residual_out.size(0), N = residual_out.size(1), D = residual_out.size(2);
@@ -98,22 +97,9 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(noisynn, m) {
-  // Fake (meta) implementations and autograd live in Python, in this module.
-  m.set_python_module("noisynn_kernels.ops.cuda_mix_add_layernorm");
-  m.def(
-      "mix_add_layernorm_fwd_cuda(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, int kind, "
-      "int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, int grid_w, bool mix_after_norm, "
-      "bool straight_through) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "mix_add_layernorm_bwd_cuda(Tensor d_normed, Tensor? d_residual_out, Tensor residual_out, Tensor? weight, "
-      "Tensor mean, Tensor rstd, int kind, int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, "
-      "int grid_w, bool mix_after_norm) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(noisynn, CUDA, m) {
-  m.impl("mix_add_layernorm_fwd_cuda", &mix_add_layernorm_fwd_cuda);
-  m.impl("mix_add_layernorm_bwd_cuda", &mix_add_layernorm_bwd_cuda);
+  m.impl("mix_add_layernorm_fwd_cpp", &mix_add_layernorm_fwd_cuda);
+  m.impl("mix_add_layernorm_bwd_cpp", &mix_add_layernorm_bwd_cuda);
 }
 
 }  // namespace noisynn

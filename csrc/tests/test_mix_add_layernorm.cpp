@@ -1,7 +1,7 @@
-// C++ test of noisynn::mix_add_layernorm_fwd_cpu / _bwd_cpu, called through the dispatcher, against a naive
+// C++ test of noisynn::mix_add_layernorm_fwd_cpp / _bwd_cpp, called through the dispatcher, against a naive
 // fp64 ATen computation: s = x + residual, an explicit K x K mixing matrix applied along the axis
 // (prefix tokens unmixed), layer_norm; gradients by autograd.  Covers every kind and axis, both orders,
-// a prefix token and an odd D.  When the CUDA ops are built and a GPU is present, they are checked
+// a prefix token and an odd D.  When the CUDA implementation is built and a GPU is present, it is checked
 // against the same computation on the GPU.  Exit status: 0 when every case passes.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
@@ -64,14 +64,12 @@ double max_err(const Tensor& a, const Tensor& b) {
   return (a.to(torch::kCPU, torch::kFloat64) - b.to(torch::kCPU, torch::kFloat64)).abs().max().item<double>();
 }
 
-// Runs one case on `device` through the ops named `suffix`; returns the number of failed checks.
+// Runs one case on `device` (named `suffix` in messages); returns the number of failed checks.
 int run_case(const std::string& suffix, const torch::Device& device, int64_t kind, int64_t axis,
              bool mix_after_norm) {
   auto& dispatcher = c10::Dispatcher::singleton();
-  const auto fwd = dispatcher.findSchemaOrThrow(("noisynn::mix_add_layernorm_fwd_" + suffix).c_str(), "")
-                       .typed<FwdSig>();
-  const auto bwd = dispatcher.findSchemaOrThrow(("noisynn::mix_add_layernorm_bwd_" + suffix).c_str(), "")
-                       .typed<BwdSig>();
+  const auto fwd = dispatcher.findSchemaOrThrow("noisynn::mix_add_layernorm_fwd_cpp", "").typed<FwdSig>();
+  const auto bwd = dispatcher.findSchemaOrThrow("noisynn::mix_add_layernorm_bwd_cpp", "").typed<BwdSig>();
   torch::manual_seed(static_cast<uint64_t>(100 * kind + 10 * axis + mix_after_norm));
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const Tensor x = torch::randn({B, N, D}, f64) * 2 + 0.5, res = torch::randn({B, N, D}, f64);
@@ -119,18 +117,22 @@ int run_case(const std::string& suffix, const torch::Device& device, int64_t kin
   return failed;
 }
 
-bool has_op(const char* name) { return c10::Dispatcher::singleton().findSchema({name, ""}).has_value(); }
+// Whether the op has an implementation for `key` (the CUDA one is registered only in CUDA builds).
+bool has_kernel(const char* name, c10::DispatchKey key) {
+  const auto op = c10::Dispatcher::singleton().findSchema({name, ""});
+  return op.has_value() && op->hasKernelForDispatchKey(key);
+}
 
 }  // namespace
 
 int main() {
   int failed = 0, cases = 0;
   std::vector<std::pair<std::string, torch::Device>> targets = {{"cpu", torch::Device(torch::kCPU)}};
-  if (has_op("noisynn::mix_add_layernorm_fwd_cuda")) {
+  if (has_kernel("noisynn::mix_add_layernorm_fwd_cpp", c10::DispatchKey::CUDA)) {
     if (torch::cuda::is_available()) {
       targets.emplace_back("cuda", torch::Device(torch::kCUDA, 0));
     } else {
-      std::printf("the CUDA ops are registered but no GPU is present: CUDA cases skipped\n");
+      std::printf("the CUDA implementation is registered but no GPU is present: CUDA cases skipped\n");
     }
   }
   for (const auto& [suffix, device] : targets) {

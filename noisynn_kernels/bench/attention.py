@@ -24,8 +24,10 @@ import torch.nn.functional as F
 
 from .. import quality
 from ..config import NoiseConfig
-from ..functional import _attention_backend, noisy_attention
+from .._ext import triton_interpreted
+from ..functional import backend_for, noisy_attention
 from .eager import eager_linear_noise
+from .environment import environment
 from .timing import Timing, measure_interleaved
 
 __all__ = ["bench_attention", "attention_competitors"]
@@ -43,9 +45,7 @@ def _grid(n_patches: int):
 def _triton_skip_reason(device: torch.device, backend: str) -> Optional[str]:
     if backend != "triton" or device.type == "cuda":
         return None
-    from ..ops.noisy_attention import INTERPRETED
-
-    if INTERPRETED:
+    if triton_interpreted():
         return ("not timed: on CPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is "
                 "correct but far too slow to time")
     return "not timed: the Triton kernels need a CUDA device"
@@ -65,7 +65,7 @@ def attention_competitors(device: torch.device, dtype: torch.dtype, shape: Seque
     gy = torch.randn(B, H, N, Dh, generator=g).to(device, dtype)
     Q = (quality.mixing_matrix(kind, k) - torch.eye(k, dtype=torch.float64)).to(device, dtype)
     mix = NoiseConfig(kind=kind, axis=axis, allow_batch_dependence=True)
-    name = _attention_backend(device.type, backend)
+    name = backend_for("noisy_attention", device.type, backend)
     backward = mode == "forward+backward"
     if backward:
         for t in (q, kk, v):
@@ -130,8 +130,6 @@ def bench_attention(device, dtype=torch.float16, shapes: Iterable[Sequence[int]]
     :func:`~noisynn_kernels.functional.noisy_attention` (``None``: ``triton`` on CUDA, ``reference`` on
     CPU).  Ratios are taken round by round; absolute times mean something on a GPU only.
     """
-    from .runner import environment
-
     device = torch.device(device)
     env = environment(device)
     rows = []

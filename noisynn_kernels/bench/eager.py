@@ -16,7 +16,7 @@ from torch import nn
 
 from .. import quality
 from ..functional import mixed_size
-from ..models.patch import _SITE_ATTR, _STATE_ATTR
+from ..models.patch import noise_module, replace_noise_module
 from ..nn import NoiseInjection
 
 __all__ = ["eager_linear_noise", "eager_add_noise_layernorm", "EagerNoiseInjection", "make_eager"]
@@ -90,10 +90,8 @@ class EagerNoiseInjection(NoiseInjection):
 
 def make_eager(model: nn.Module) -> nn.Module:
     """Replace the noise module of a noisy model (from ``apply_noisynn``) with the eager baseline."""
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
+    old = noise_module(model)
+    if old is None:
         raise ValueError("make_eager needs a model with noise (apply_noisynn / a noisy_* timm model)")
-    old = getattr(state.site, _SITE_ATTR)
-    new = EagerNoiseInjection(old.config, old.prefix_tokens, old.grid).train(old.training)
-    state.site._modules[_SITE_ATTR] = new
+    replace_noise_module(model, EagerNoiseInjection(old.config, old.prefix_tokens, old.grid).train(old.training))
     return model

@@ -26,7 +26,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .patch import _SITE_ATTR, model_family
+from ..functional import mix_add_layernorm, noisy_attention
+from ..nn import NOT_SCRIPTABLE_MESSAGE
+from ..ops import noisy_attention as noisy_attention_op
+from .patch import model_family, site_noise
 
 __all__ = ["swap_fused_ops", "unswap_fused_ops", "is_swapped"]
 
@@ -49,7 +52,7 @@ def _check_block(i: int, blk: nn.Module) -> None:
 
 
 def _active_site(module: nn.Module):
-    site = module._modules.get(_SITE_ATTR)
+    site = site_noise(module)
     if site is None or not site.config.active(site.training):
         return None
     return site
@@ -60,8 +63,6 @@ def _attention(attn: nn.Module, x, backend):
     (:func:`~noisynn_kernels.functional.noisy_attention`).  timm's Attention runs unchanged (the noise
     then applies through its hook) when there is no such site, when its ``.norm`` is not Identity
     (the site is after that norm), or in training with attention dropout (the kernel has none)."""
-    from ..functional import noisy_attention
-
     norm = getattr(attn, "norm", None)
     site = _active_site(norm) if isinstance(norm, nn.Identity) else None
     if site is None or not site.config.is_linear or (attn.training and attn.attn_drop.p > 0):
@@ -72,9 +73,9 @@ def _attention(attn: nn.Module, x, backend):
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    # The compiled cpu / cuda backends have no attention kernel: attention then takes the device default.
+    # A backend without attention kernels (the compiled cpu / cuda ones): attention takes the device default.
     y = noisy_attention(q, k, v, mix=site.config, scale=attn.scale, prefix_tokens=site.prefix_tokens,
-                        grid=site.grid, backend=backend if backend in ("reference", "triton") else None)
+                        grid=site.grid, backend=backend if backend in noisy_attention_op.LAUNCHERS else None)
     y = y.transpose(1, 2).reshape(B, N, getattr(attn, "attn_dim", attn.num_heads * attn.head_dim))
     if gate is not None:
         y = y * gate
@@ -82,8 +83,6 @@ def _attention(attn: nn.Module, x, backend):
 
 
 def _fused_blocks_forward(blocks: nn.Sequential, x):
-    from ..functional import mix_add_layernorm
-
     backend = getattr(blocks, _FUSED_ATTR)
     res, pending = x, None  # residual stream, and the branch output not yet added to it
     for blk in blocks:
@@ -154,8 +153,6 @@ def swap_fused_ops(model: nn.Module, backend: Optional[str] = None) -> nn.Module
 
 
 def _not_scriptable(blocks):
-    from ..nn import NOT_SCRIPTABLE_MESSAGE
-
     raise UnsupportedModelError("swap_fused_ops: " + NOT_SCRIPTABLE_MESSAGE)
 
 

@@ -25,7 +25,8 @@ from ..config import NoiseConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..nn import NoiseInjection
 
-__all__ = ["apply_noisynn", "remove_noisynn", "noise_config", "model_family", "model_blocks"]
+__all__ = ["apply_noisynn", "remove_noisynn", "noise_config", "model_family", "model_blocks", "noise_module",
+           "site_noise", "replace_noise_module"]
 
 _SITE_ATTR = "noisynn"          # name of the NoiseInjection child at the noise site
 _STATE_ATTR = "_noisynn_state"  # bookkeeping on the model root
@@ -167,3 +168,28 @@ def noise_config(model: nn.Module) -> Optional[NoiseConfig]:
     """The NoiseConfig applied to ``model``, or ``None`` for a model without noise."""
     state = getattr(model, _STATE_ATTR, None)
     return None if state is None else state.config
+
+
+def site_noise(module: nn.Module) -> Optional[nn.Module]:
+    """The noise module attached to ``module`` by :func:`apply_noisynn` (``module`` being the noise
+    site: a block, a norm, an attention's ``.norm`` or the model), or ``None``."""
+    return module._modules.get(_SITE_ATTR)
+
+
+def noise_module(model: nn.Module) -> Optional[nn.Module]:
+    """The noise module that :func:`apply_noisynn` attached somewhere in ``model``, or ``None``."""
+    state = getattr(model, _STATE_ATTR, None)
+    return None if state is None else site_noise(state.site)
+
+
+def replace_noise_module(model: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the noise module of ``model`` (from :func:`apply_noisynn`) is, keeping the site
+    and its hook (e.g. a baseline implementation of the same noise); returns the old module.  Raises
+    :class:`ConfigError` for a model without noise."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ConfigError(f"{type(model).__name__} has no noise to replace; expected a model from apply_noisynn "
+                          "or a noisy_* timm model")
+    old = state.site._modules[_SITE_ATTR]
+    state.site._modules[_SITE_ATTR] = new
+    return old

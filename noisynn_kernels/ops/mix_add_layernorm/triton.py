@@ -1,29 +1,14 @@
-"""Fused residual add + ``(I + Q)`` mix + LayerNorm on Triton: ``noisynn::mix_add_layernorm_fwd/bwd``.
+"""The Triton ops: ``noisynn::mix_add_layernorm_fwd`` / ``noisynn::mix_add_layernorm_bwd`` and the ``triton``
+launcher.  Semantics: :mod:`noisynn_kernels.ops.mix_add_layernorm`.
 
-Semantics (the oracle is :func:`noisynn_kernels.reference.mix_add_layernorm`): with
-``s = x + residual`` (or ``x``), by default ``residual_out = M s`` and ``normed = LN(residual_out)``;
-with ``mix_after_norm`` ``residual_out = s`` and ``normed = M LN(s)`` (the official ViT position).
-``M = I + Q`` mixes along ``tokens``, ``rows`` or ``batch``; prefix tokens are added and normalized but
-never mixed.
-
-Layout:
-
-- ``triton/mix_layernorm.py`` holds the ``@triton.jit`` kernels;
-- this module holds the launchers, registered with ``torch.library.triton_op`` (kernels launched
-  through ``wrap_triton`` so ``torch.compile`` can trace into them), their fake implementations,
-  the autograd formula and :func:`mix_add_layernorm`, the checked entry point.
+The ``@triton.jit`` kernels are in ``triton/mix_layernorm.py``; here are their launchers, registered
+with ``torch.library.triton_op`` (kernels launched through ``wrap_triton`` so ``torch.compile`` can
+trace into them), with the fakes and the autograd formula of :mod:`.common`.
 
 Launcher conventions: inputs are made contiguous here (a copy for non-contiguous inputs; the
 kernels index rows as ``row * D``), outputs are allocated here, never in kernels.  Statistics and
-``dweight``/``dbias`` partials are fp32; ``normed``, ``residual_out`` and ``dx`` have ``x``'s dtype
-(also when ``weight``/``bias`` have another dtype, unlike the reference, which type-promotes).
-Backward recomputes ``x_hat`` from ``residual_out``: it *is* the LayerNorm input in both orders.
-
-Autograd: ``x``, ``residual``, ``weight`` and ``bias`` are differentiable; the ``dense`` matrix is not
-(treated as a constant), and there is no double backward.  ``straight_through`` configs run the
-mixed forward and an unmixed (identity) backward, as the reference's ``x + (Mx - x).detach()``.
-The fakes and the autograd formula are shared with the C++ and CUDA ops
-(:mod:`noisynn_kernels.ops._fused_common`).
+``dweight``/``dbias`` partials are fp32.  Backward recomputes ``x_hat`` from ``residual_out``: it *is*
+the LayerNorm input in both orders.
 """
 
 from __future__ import annotations
@@ -35,19 +20,21 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .._ext import triton_interpreted
-from ..errors import BackendUnavailableError, ShapeError
-from ..functional import MixSpec, check_mix_add_layernorm
-from ..triton import mix_layernorm as kernels
-from ._fused_common import AXIS_CODES, KIND_CODES, bwd_fake, fwd_fake, make_backward, run_fwd, setup_context
+from ..._ext import triton_interpreted
+from ..._op_codes import AXIS_CODES, KIND_CODES
+from ..._validate import MixSpec
+from ...errors import BackendUnavailableError, ShapeError
+from ...triton import mix_layernorm as kernels
+from .common import bwd_fake, fwd_fake, make_backward, run_fwd, setup_context
 
-__all__ = ["mix_add_layernorm", "launch", "mix_add_layernorm_fwd", "mix_add_layernorm_bwd", "KIND_CODES", "AXIS_CODES"]
+__all__ = ["launch", "mix_add_layernorm_fwd", "mix_add_layernorm_bwd", "INTERPRETED", "SUPPORTED_DTYPES"]
 
 
 #: Whether the kernels run in Triton's CPU interpreter (decided when triton.jit wrapped them).
 INTERPRETED = triton_interpreted()
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Activation dtypes the Triton kernels take (no bf16 under the interpreter).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_ROW_BYTES = 65536  # one row of D lives in one block
 
 
@@ -216,47 +203,15 @@ mix_add_layernorm_fwd.register_autograd(make_backward(mix_add_layernorm_bwd), se
 
 
 # --------------------------------------------------------------------------------------------------
-# checked entry point
-
-
-def mix_add_layernorm(x: Tensor, residual: Optional[Tensor] = None, weight: Optional[Tensor] = None,
-                      bias: Optional[Tensor] = None, eps: float = 1e-6, *, mix=None, prefix_tokens: int = 0,
-                      grid=None, mix_after_norm: bool = False) -> Tuple[Tensor, Tensor]:
-    """Fused ``residual add + (I + Q) mix + LayerNorm`` (Triton): returns ``(normed, residual_out)``.
-
-    ``s = x + residual`` (or ``x``).  By default ``residual_out = M s`` and ``normed = LN(residual_out)``;
-    with ``mix_after_norm=True`` ``residual_out = s`` and ``normed = M LN(s)``.
-
-    Args:
-        x: ``(B, N, D)`` tokens, fp16 / bf16 / fp32, on a CUDA device (or on CPU with ``TRITON_INTERPRET=1``;
-            no bf16 there).  Non-contiguous inputs are copied to contiguous ones.
-        residual: ``None`` or a tensor of ``x``'s shape and dtype.
-        weight, bias: ``None`` or ``(D,)`` LayerNorm affine parameters (any float dtype; outputs keep
-            ``x``'s dtype).
-        eps: LayerNorm epsilon, > 0.
-        mix: a linear :class:`~noisynn_kernels.NoiseConfig` (``identity``, ``shift``, ``optimal``, ``dense``;
-            its ``axis``, ``alpha``, ``matrix``, ``straight_through`` and ``check_matrix`` are used), or
-            ``None`` for no mixing.  Its ``train``/``eval`` switches are the caller's business: this op
-            always applies the mix it is given.
-        prefix_tokens: leading class / register tokens: added and normalized, never mixed.
-        grid: ``(gh, gw)`` patch grid for ``axis='rows'`` (inferred when the patch count is square;
-            ignored by the other axes, as in :func:`noisynn_kernels.linear_transform_noise`).
-        mix_after_norm: mix the LayerNorm output instead of the residual stream.
-
-    Raises:
-        ShapeError, ConfigError, QualityMatrixError, BackendUnavailableError: with what was given and
-        what was expected.
-    """
-    spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
-    return launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+# launcher
 
 
 def launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
            spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
-    """Run the fused op on arguments already validated by
-    :func:`noisynn_kernels.functional.check_mix_add_layernorm`; adds the Triton-specific checks."""
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise ShapeError(f"x has dtype {x.dtype}; expected one of {_SUPPORTED_DTYPES}")
+    """The ``triton`` backend on checked arguments (adds the Triton-specific limits);
+    ``(normed, residual_out)``."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ShapeError(f"x has dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
     D = x.shape[-1]
     if triton.next_power_of_2(D) * x.element_size() > _MAX_ROW_BYTES:
         raise ShapeError(f"D = {D} is too large: a row of next_power_of_2(D) = {triton.next_power_of_2(D)} "

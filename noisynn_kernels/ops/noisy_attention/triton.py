@@ -1,9 +1,5 @@
-"""Noisy attention on Triton: ``noisynn::noisy_attention_fwd`` / ``noisynn::noisy_attention_bwd``.
-
-Semantics (the oracle is :func:`noisynn_kernels.reference.noisy_attention`): for ``q, k, v`` of shape
-``(B, H, N, Dh)``, ``Y = M softmax(q k^T * scale) v`` where ``M = I + Q`` mixes the query tokens of
-the output (``tokens`` or ``rows`` axis, per sample and head) or the samples (``batch`` axis, per
-head and token); the first ``prefix_tokens`` tokens are never mixed.  The ``N x N`` score matrix is
+"""The Triton ops ``noisynn::noisy_attention_fwd`` / ``noisynn::noisy_attention_bwd`` and the ``triton``
+launcher.  Semantics: :mod:`noisynn_kernels.ops.noisy_attention`.  The ``N x N`` score matrix is
 never stored (flash attention: online softmax over key tiles, logsumexp saved for backward).
 
 Passes (kernels in ``triton/attention.py``):
@@ -32,8 +28,6 @@ layout the output projection reads (``y.transpose(1, 2).reshape(B, N, H * Dh)`` 
 are read with their own strides (a copy only when the last stride is not 1).  ``dq, dk, dv`` are
 contiguous.  fp32 accumulation everywhere; outputs in the inputs' dtype.
 
-Autograd: ``q``, ``k``, ``v`` are differentiable; the ``dense`` matrix is a constant, no double
-backward.  ``straight_through`` runs the mixed forward and an unmixed backward.
 """
 
 from __future__ import annotations
@@ -45,11 +39,13 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from ..errors import BackendUnavailableError, ShapeError
-from ..triton import attention as kernels
-from ._fused_common import AXIS_CODES, KIND_CODES, dense_mix_matrix
+from ..._op_codes import AXIS_CODES, KIND_CODES
+from ..._validate import MixSpec
+from ...errors import BackendUnavailableError, ShapeError
+from ...triton import attention as kernels
+from ..common import mix_args
 
-__all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "KIND_CODES", "AXIS_CODES", "MAX_HEAD_DIM"]
+__all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "MAX_HEAD_DIM", "INTERPRETED", "SUPPORTED_DTYPES"]
 
 
 #: Largest head dim of the kernels (one block of the head dim per tile).
@@ -58,7 +54,8 @@ MAX_HEAD_DIM = 128
 #: Whether the kernels run in Triton's CPU interpreter (decided when triton.jit wrapped them).
 INTERPRETED = type(kernels.attn_fwd_kernel).__name__ == "InterpretedFunction"
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Input dtypes the Triton kernels take (no bf16 under the interpreter).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,14 +301,13 @@ noisy_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------
-# launcher (arguments validated by noisynn_kernels.functional.check_noisy_attention)
+# launcher
 
 
-def launch(q: Tensor, k: Tensor, v: Tensor, scale: float, spec) -> Tensor:
-    """Run the Triton op on arguments already validated by
-    :func:`noisynn_kernels.functional.check_noisy_attention`; adds the Triton-specific checks."""
-    if q.dtype not in _SUPPORTED_DTYPES:
-        raise ShapeError(f"q has dtype {q.dtype}; the triton noisy_attention takes one of {_SUPPORTED_DTYPES}")
+def launch(q: Tensor, k: Tensor, v: Tensor, scale: float, spec: MixSpec) -> Tensor:
+    """The ``triton`` backend on checked arguments (adds the Triton-specific limits)."""
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ShapeError(f"q has dtype {q.dtype}; the triton noisy_attention takes one of {SUPPORTED_DTYPES}")
     D = q.shape[-1]
     if D > MAX_HEAD_DIM:
         raise ShapeError(f"head dim Dh = {D} is too large for the triton noisy_attention; expected Dh <= "
@@ -323,10 +319,5 @@ def launch(q: Tensor, k: Tensor, v: Tensor, scale: float, spec) -> Tensor:
     if INTERPRETED and q.dtype == torch.bfloat16:
         raise BackendUnavailableError("Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got q of dtype "
                                       "torch.bfloat16, expected float16 or float32")
-    cfg = spec.cfg
-    mix_matrix = dense_mix_matrix(spec, q.device)
-    grid_w = spec.grid[1] if spec.grid is not None else 1
-    y, _, _ = noisy_attention_fwd(q, k, v, float(scale), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis],
-                                  float(cfg.alpha), mix_matrix, spec.prefix_tokens, grid_w,
-                                  bool(cfg.straight_through))
+    y, _, _ = noisy_attention_fwd(q, k, v, float(scale), *mix_args(spec, q.device), bool(spec.cfg.straight_through))
     return y

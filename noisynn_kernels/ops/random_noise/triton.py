@@ -1,4 +1,4 @@
-"""Fused random noises as ``noisynn::`` ops: Gaussian and salt-and-pepper drawn from Philox in the kernel.
+"""The Triton random-noise ops and the ``triton`` launchers.  Semantics: :mod:`noisynn_kernels.ops.random_noise`.
 
 - ``noisynn::gaussian_noise(x, seed, mean, std, strength, prefix_tokens)``: ``x + strength * N(mean, std)``;
   its gradient is the identity, so nothing is saved.
@@ -8,9 +8,6 @@
 The random stream is Philox keyed by ``(seed, element index of the contiguous tensor)``: the same
 seed gives the same noise on every run and launch configuration.  It is not the stream of
 ``torch.randn``, so the fused and reference noises agree in distribution, not element by element.
-
-The Triton backend runs CUDA tensors, and CPU tensors under the Triton interpreter
-(``TRITON_INTERPRET=1``); anything else raises :class:`~noisynn_kernels.BackendUnavailableError`.
 """
 
 from __future__ import annotations
@@ -21,12 +18,11 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
-from .._ext import triton_interpreted
-from ..errors import BackendUnavailableError, ConfigError
-from ..functional import _check_generator, _finite, check_activation, check_prefix
-from ..triton.random_noise import gaussian_noise_kernel, salt_and_pepper_backward_kernel, salt_and_pepper_kernel
+from ..._ext import triton_interpreted
+from ...errors import BackendUnavailableError
+from ...triton.random_noise import gaussian_noise_kernel, salt_and_pepper_backward_kernel, salt_and_pepper_kernel
 
-__all__ = ["gaussian_noise_fused", "salt_and_pepper_noise_fused", "triton_runs_on"]
+__all__ = ["launch_gaussian", "launch_salt_and_pepper", "triton_runs_on"]
 
 _BLOCK = 1024
 
@@ -111,50 +107,33 @@ def _salt_and_pepper_backward(ctx, grad):
 _salt_and_pepper_op.register_autograd(_salt_and_pepper_backward, setup_context=_salt_and_pepper_setup)
 
 
-def _prepare(x, prefix_tokens, generator, seed):
-    check_activation(x)
-    prefix_tokens = check_prefix(x, prefix_tokens)
+def _prepare(x: torch.Tensor, generator: Optional[torch.Generator], seed: Optional[int]):
+    """``x`` contiguous and the Philox seed: ``seed``, or one drawn from ``generator`` (or the global RNG,
+    so ``torch.manual_seed`` makes runs reproducible)."""
     if not triton_runs_on(x.device):
         raise BackendUnavailableError(
             f"the Triton noise kernels run CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
             f"triton is imported); got a tensor on {x.device}")
-    if seed is not None and generator is not None:
-        raise ConfigError("pass either seed or generator, not both")
     if seed is None:
-        _check_generator(x, generator)
         gen_device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=gen_device).item())
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
-    return x.contiguous(), prefix_tokens, seed
+    return x.contiguous(), seed
 
 
-def gaussian_noise_fused(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, strength: float = 0.1,
-                         prefix_tokens: int = 0, generator: Optional[torch.Generator] = None,
-                         seed: Optional[int] = None) -> torch.Tensor:
-    """Fused Gaussian noise ``x + strength * N(mean, std)``: one read, one write, noise drawn in the kernel.
-
-    ``seed`` fixes the noise; without it a seed is drawn from ``generator`` (or the global RNG), so
-    ``torch.manual_seed`` makes runs reproducible.  Arguments as :func:`noisynn_kernels.gaussian_noise`.
-    """
-    x, prefix_tokens, seed = _prepare(x, prefix_tokens, generator, seed)
-    std = _finite("std", std, lo=0.0)
-    return _gaussian_op(x, seed, _finite("mean", mean), std, _finite("strength", strength), prefix_tokens)
+def launch_gaussian(x: torch.Tensor, *, std: float, mean: float, strength: float, prefix_tokens: int,
+                    generator: Optional[torch.Generator], seed: Optional[int]) -> torch.Tensor:
+    """The ``triton`` Gaussian noise on checked arguments: one read, one write, noise drawn in the kernel."""
+    x, seed = _prepare(x, generator, seed)
+    return _gaussian_op(x, seed, mean, std, strength, prefix_tokens)
 
 
-def salt_and_pepper_noise_fused(x: torch.Tensor, p: float, *, low: Optional[float] = None,
-                                high: Optional[float] = None, prefix_tokens: int = 0,
-                                generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> torch.Tensor:
-    """Fused salt-and-pepper noise; backward regenerates the mask from the seed instead of storing it.
-
-    ``low``/``high`` default to the detached minimum/maximum of the whole tensor (computed on the device,
-    no host sync).  Arguments as :func:`noisynn_kernels.salt_and_pepper_noise`, plus ``seed``.
-    """
-    x, prefix_tokens, seed = _prepare(x, prefix_tokens, generator, seed)
-    p = _finite("p", p, lo=0.0, hi=1.0)
+def launch_salt_and_pepper(x: torch.Tensor, p: float, *, low: Optional[float], high: Optional[float],
+                           prefix_tokens: int, generator: Optional[torch.Generator],
+                           seed: Optional[int]) -> torch.Tensor:
+    """The ``triton`` salt-and-pepper noise on checked arguments; ``low``/``high`` default to the detached
+    minimum/maximum of the whole tensor, computed on the device (no host sync)."""
+    x, seed = _prepare(x, generator, seed)
     xd = x.detach()
-    lo = xd.amin() if low is None else torch.tensor(_finite("low", low), dtype=x.dtype, device=x.device)
-    hi = xd.amax() if high is None else torch.tensor(_finite("high", high), dtype=x.dtype, device=x.device)
-    if low is not None and high is not None and low > high:
-        raise ConfigError(f"low must be <= high, got low = {low}, high = {high}")
+    lo = xd.amin() if low is None else torch.tensor(low, dtype=x.dtype, device=x.device)
+    hi = xd.amax() if high is None else torch.tensor(high, dtype=x.dtype, device=x.device)
     return _salt_and_pepper_op(x, lo, hi, seed, p, prefix_tokens)

@@ -1,8 +1,7 @@
-"""What the three ``mix_add_layernorm`` op families (Triton, C++ CPU, CUDA C++) share.
-
-The families have one schema (see :mod:`noisynn_kernels.ops.mix_add_layernorm`), so they share here:
-the op-schema codes, the fake (meta) implementations, the autograd formula (built around each family's
-backward op by :func:`make_backward`) and the preparation of a ``dense`` mixing matrix.  Nothing here
+"""What the two ``mix_add_layernorm`` op families (the Triton ops and the C++ op with its CPU and CUDA
+implementations) share: one schema, so one fake (meta) implementation per entry point, one autograd
+formula (built around each family's backward op by :func:`make_backward`) and one way to call the
+forward op from a checked :class:`~noisynn_kernels._validate.MixSpec` (:func:`run_fwd`).  Nothing here
 imports Triton or needs the compiled extension.
 
 Autograd: ``x``, ``residual``, ``weight`` and ``bias`` are differentiable; the ``dense`` matrix is a
@@ -20,15 +19,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import quality
-from .._op_codes import AXIS_CODES, KIND_CODES
-from ..errors import ConfigError
-from ..functional import MixSpec
+from ..._op_codes import KIND_CODES
+from ..._validate import MixSpec
+from ..common import mix_args
 
-__all__ = ["KIND_CODES", "AXIS_CODES", "fwd_fake", "bwd_fake", "setup_context", "make_backward",
-           "dense_mix_matrix", "run_fwd"]
-
-# KIND_CODES / AXIS_CODES: the op-schema codes of the mixing kinds and axes (noisynn_kernels._op_codes).
+__all__ = ["fwd_fake", "bwd_fake", "setup_context", "make_backward", "run_fwd"]
 
 
 def fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
@@ -83,32 +78,10 @@ def make_backward(bwd_op: Callable) -> Callable:
     return backward
 
 
-def dense_mix_matrix(spec: MixSpec, device: torch.device) -> Optional[Tensor]:
-    """The fp32 ``K x K`` matrix ``M = I + Q`` a ``dense`` config passes to the ops (``None`` for the
-    other kinds).  Raises :class:`ConfigError` for a ``Q`` that requires grad (the fused ops treat it as
-    a constant) and, in eager mode, for entries that overflow fp32."""
-    cfg = spec.cfg
-    if cfg.kind != "dense":
-        return None
-    q = cfg.matrix
-    if q.requires_grad and torch.is_grad_enabled():
-        raise ConfigError("the dense quality matrix requires grad, but the fused op treats it as a constant "
-                          "(no gradient wrt Q); detach it, or use noisynn_kernels.reference to learn Q")
-    mix_matrix = quality.mixing_matrix("dense", spec.k, matrix=q).to(device=device, dtype=torch.float32)
-    # Data-dependent (a graph break under torch.compile): checked in eager only.  NoiseConfig has
-    # rejected non-finite Q already; this catches values that overflow fp32.
-    if not torch.compiler.is_compiling() and not torch.isfinite(mix_matrix).all():
-        raise ConfigError("dense quality matrix has non-finite entries (in fp32); expected finite values")
-    return mix_matrix
-
-
 def run_fwd(fwd_op: Callable, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
             bias: Optional[Tensor], eps: float, spec: MixSpec, mix_after_norm: bool):
-    """Call a ``mix_add_layernorm_fwd*`` op with the schema arguments of a validated ``spec``:
+    """Call a ``mix_add_layernorm_fwd*`` op with the schema arguments of a checked ``spec``:
     ``(normed, residual_out)``."""
-    cfg = spec.cfg
-    grid_w = spec.grid[1] if spec.grid is not None else 1
-    normed, residual_out, _, _ = fwd_op(
-        x, residual, weight, bias, float(eps), KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha),
-        dense_mix_matrix(spec, x.device), spec.prefix_tokens, grid_w, mix_after_norm, bool(cfg.straight_through))
+    normed, residual_out, _, _ = fwd_op(x, residual, weight, bias, float(eps), *mix_args(spec, x.device),
+                                        mix_after_norm, bool(spec.cfg.straight_through))
     return normed, residual_out

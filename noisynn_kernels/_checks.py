@@ -1,0 +1,36 @@
+"""Checks of plain argument values (numbers, flags) and the axis names, written once for every layer.
+
+Depends on :mod:`noisynn_kernels.errors` only, so the modules that describe a noise (``quality``,
+``config``) and the argument checks of the ops (``_validate``) share it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .errors import ConfigError
+
+__all__ = ["AXES", "number", "flag"]
+
+#: Axes along which linear transform noise can mix.
+AXES = ("batch", "tokens", "rows")
+
+
+def number(name: str, value, *, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """``value`` as a float, which must be finite and in ``[lo, hi]``; else :class:`ConfigError`."""
+    if isinstance(value, bool):  # float(True) == 1.0 would pass silently
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+    return v
+
+
+def flag(name: str, value) -> bool:
+    """``value``, which must be a bool (not merely truthy); else :class:`ConfigError`."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be a bool, got {value!r}")
+    return value

@@ -1,0 +1,76 @@
+"""``mix_add_layernorm``: residual add + ``(I + Q)`` mix + LayerNorm as one op.
+
+Semantics (the definition is :func:`noisynn_kernels.reference.mix_add_layernorm`; every backend is
+tested against it).  For ``(B, N, D)`` tokens ``x`` and ``residual`` (or no residual):
+
+- ``s = x + residual`` (or ``x``);
+- by default ``residual_out = M s`` and ``normed = LN(residual_out)`` (noise in the residual stream
+  entering a block); with ``mix_after_norm`` ``residual_out = s`` and ``normed = M LN(s)`` (the
+  official ViT position, the LayerNorm-1 output);
+- ``M = I + Q`` (kinds ``identity``, ``shift``, ``optimal``, ``dense``) mixes the ``tokens``, the
+  ``rows`` of the ``(gh, gw)`` patch grid, or the ``batch``; the first ``prefix_tokens`` tokens are
+  added and normalized but never mixed;
+- ``straight_through``: the forward value is mixed, the gradient passes the mix as the identity;
+- autograd: ``x``, ``residual``, ``weight``, ``bias`` are differentiable; a ``dense`` matrix is a
+  constant; no double backward;
+- dtypes: ``normed`` and ``residual_out`` have ``x``'s dtype whatever the dtypes of ``weight`` and
+  ``bias``; the fused kernels compute in fp32.
+
+Files of this op:
+
+- :mod:`.common`: the fakes, the autograd formula and the call from a checked spec, shared by
+  both op families;
+- :mod:`.triton`: the Triton ops ``noisynn::mix_add_layernorm_fwd/bwd`` (kernels in
+  ``noisynn_kernels/triton/mix_layernorm.py``);
+- :mod:`.cpp`: the C++ op ``noisynn::mix_add_layernorm_fwd_cpp/bwd_cpp``, one schema with a CPU and a
+  CUDA implementation (``csrc/``);
+- this module: the reference launcher and :data:`LAUNCHERS`, the ``{backend: launcher}`` table that
+  :func:`noisynn_kernels.mix_add_layernorm` and the model integration dispatch through.
+
+Every launcher takes ``(x, residual, weight, bias, eps, spec, mix_after_norm)`` with arguments
+already checked by :func:`noisynn_kernels._validate.check_mix_add_layernorm` and returns
+``(normed, residual_out)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor
+
+from ... import quality, reference
+from ..._validate import MixSpec
+from ..common import autocast_off
+from . import cpp
+
+__all__ = ["LAUNCHERS", "launch_reference", "launch_triton"]
+
+
+def launch_reference(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                     eps: float, spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+    """The ``reference`` backend: :func:`noisynn_kernels.reference.mix_add_layernorm` (PyTorch ops) on
+    checked arguments, autocast off so outputs keep ``x``'s dtype as on the fused backends."""
+    cfg = spec.cfg
+    M = quality.mixing_matrix("dense", spec.k, matrix=cfg.matrix) if cfg.kind == "dense" else None
+    with autocast_off(x):
+        return reference.mix_add_layernorm(x, residual, weight, bias, eps, kind=cfg.kind, axis=cfg.axis,
+                                           alpha=cfg.alpha, M=M, prefix_tokens=spec.prefix_tokens, grid=spec.grid,
+                                           mix_after_norm=mix_after_norm, straight_through=cfg.straight_through)
+
+
+def launch_triton(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float, spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+    """The ``triton`` backend (:func:`.triton.launch`); Triton is imported on first use, so that
+    ``TRITON_INTERPRET`` can still be chosen before then."""
+    from .triton import launch
+
+    return launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+
+
+#: Backend name -> launcher.  Which backends can run here: :func:`noisynn_kernels.backend_info`.
+LAUNCHERS = {
+    "reference": launch_reference,
+    "triton": launch_triton,
+    "cpu": cpp.launch_cpu,
+    "cuda": cpp.launch_cuda,
+}
