@@ -18,9 +18,22 @@ from ._checks import AXES
 from ._ext import backend_info
 from ._version import __version__
 from .config import KINDS, POSITIONS, NoiseConfig
-from .errors import (BackendUnavailableError, BatchDependenceError, ConfigError, NoisyNNError, QualityMatrixError,
-                     ShapeError, UnsupportedModelError)
-from .functional import gaussian_noise, linear_transform_noise, mix_add_layernorm, noisy_attention, salt_and_pepper_noise
+from .errors import (
+    BackendUnavailableError,
+    BatchDependenceError,
+    ConfigError,
+    NoisyNNError,
+    QualityMatrixError,
+    ShapeError,
+    UnsupportedModelError,
+)
+from .functional import (
+    gaussian_noise,
+    linear_transform_noise,
+    mix_add_layernorm,
+    noisy_attention,
+    salt_and_pepper_noise,
+)
 from .models import NOISY_MODELS, apply_noisynn, noise_config, remove_noisynn
 from .models.fused import is_swapped, swap_fused_ops, unswap_fused_ops
 from .nn import NoiseInjection

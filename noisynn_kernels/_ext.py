@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import BackendUnavailableError
 
@@ -22,10 +23,10 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 _DEFAULTS = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 _ext = None
-_ext_error: Optional[str] = None
+_ext_error: str | None = None
 # The extension's build_info(), read once: backend checks run inside torch.compile'd code, where a
 # call into the pybind11 module would break the graph but a dict lookup does not.
-_build_info: Dict[str, Any] = {}
+_build_info: dict[str, Any] = {}
 
 
 def _load():
@@ -45,19 +46,20 @@ def extension():
     return _ext
 
 
-def extension_error() -> Optional[str]:
+def extension_error() -> str | None:
     """Why the compiled extension could not be imported, or ``None`` when it was."""
     _load()
     return _ext_error
 
 
-def requested_backend() -> Optional[str]:
+def requested_backend() -> str | None:
     """The backend named by the ``NOISYNN_BACKEND`` environment variable, validated; ``None`` if unset."""
     name = os.environ.get("NOISYNN_BACKEND", "").strip().lower()
     if not name or name == "auto":
         return None
     if name not in BACKENDS:
-        raise BackendUnavailableError(f"NOISYNN_BACKEND={name!r} is not a backend; expected 'auto' or one of {BACKENDS}")
+        raise BackendUnavailableError(
+            f"NOISYNN_BACKEND={name!r} is not a backend; expected 'auto' or one of {BACKENDS}")
     return name
 
 
@@ -80,7 +82,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_status() -> Dict[str, Any]:
+def _triton_status() -> dict[str, Any]:
     try:
         import triton
     except ImportError as e:
@@ -88,7 +90,7 @@ def _triton_status() -> Dict[str, Any]:
     return {"available": True, "version": triton.__version__, "interpreter": triton_interpreted()}
 
 
-def backend_status(name: str, device_type: str) -> Optional[str]:
+def backend_status(name: str, device_type: str) -> str | None:
     """``None`` when backend ``name`` can run ops on ``device_type`` here, else the reason it cannot."""
     if name == "reference":
         return None
@@ -117,7 +119,7 @@ def backend_status(name: str, device_type: str) -> Optional[str]:
     raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
-def select_backend(device_type: str, requested: Optional[str] = None, *, supported: Sequence[str] = BACKENDS,
+def select_backend(device_type: str, requested: str | None = None, *, supported: Sequence[str] = BACKENDS,
                    op: str = "fused ops") -> str:
     """The backend that runs ``op`` on ``device_type``, among the backends it has (``supported``).
 
@@ -154,7 +156,7 @@ def select_backend(device_type: str, requested: Optional[str] = None, *, support
     return name
 
 
-def backend_info() -> Dict[str, Any]:
+def backend_info() -> dict[str, Any]:
     """What this installation has: the compiled extension and its build, Triton, CUDA, each
     backend's availability per device (with the reason where it is missing), and which backend each
     device uses by default."""
@@ -168,7 +170,7 @@ def backend_info() -> Dict[str, Any]:
             why = backend_status(name, dev)
             per_device[dev] = True if why is None else why
         backends[name] = per_device
-    info: Dict[str, Any] = {
+    info: dict[str, Any] = {
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "extension": {"built": ext is not None},

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-def check_tensor(x, name: str, ranks: Tuple[int, ...], layout: str) -> torch.Tensor:
+def check_tensor(x, name: str, ranks: tuple[int, ...], layout: str) -> torch.Tensor:
     """``x`` must be a non-empty floating-point tensor of one of ``ranks``; ``layout`` describes the
     expected shapes in the error."""
     if not isinstance(x, torch.Tensor):
@@ -86,7 +87,7 @@ def check_generator(x: torch.Tensor, generator) -> None:
         raise ConfigError(f"generator is on {generator.device} but x is on {x.device}; expected the same device type")
 
 
-def resolve_grid(n_patches: int, grid: Optional[Sequence[int]]) -> Tuple[int, int]:
+def resolve_grid(n_patches: int, grid: Sequence[int] | None) -> tuple[int, int]:
     """The ``(gh, gw)`` grid of ``n_patches`` tokens: ``grid`` checked against it, or inferred when square."""
     if grid is None:
         side = math.isqrt(n_patches)
@@ -134,7 +135,7 @@ class MixSpec(NamedTuple):
 
     cfg: NoiseConfig
     prefix_tokens: int
-    grid: Optional[Tuple[int, int]]  # (gh, gw) for axis='rows', else None
+    grid: tuple[int, int] | None  # (gh, gw) for axis='rows', else None
     k: int                           # rows mixed together
 
 
@@ -188,7 +189,7 @@ def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, 
     return MixSpec(cfg, prefix_tokens, rows_grid if cfg.axis == "rows" else None, k)
 
 
-def check_noisy_attention(q, k, v, mix, scale, prefix_tokens, grid) -> Tuple[MixSpec, float]:
+def check_noisy_attention(q, k, v, mix, scale, prefix_tokens, grid) -> tuple[MixSpec, float]:
     """The backend-independent checks of :func:`noisynn_kernels.noisy_attention`, done once per call:
     returns the checked mix and the softmax scale (``Dh ** -0.5`` when ``scale`` is ``None``)."""
     for t, tname in ((q, "q"), (k, "k"), (v, "v")):

@@ -32,8 +32,9 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ __all__ = ["AuditOptions", "MODEL", "load_digits_split", "make_model", "conditio
            "write_plots"]
 
 #: The model of the experiment: keyword arguments of ``timm.create_model``.
-MODEL: Dict[str, Any] = dict(model_name="noisy_vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1,
+MODEL: dict[str, Any] = dict(model_name="noisy_vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1,
                              embed_dim=64, depth=4, num_heads=4, num_classes=10)
 
 #: Orderings every model is evaluated under.
@@ -86,21 +87,21 @@ class AuditOptions:
     """
 
     out: str = "audit-results"
-    seeds: Optional[int] = None
-    epochs: Optional[int] = None
+    seeds: int | None = None
+    epochs: int | None = None
     fast: bool = False
     quiet: bool = False
     eval_batch_size: int = 10
-    batch_sizes: Optional[Tuple[int, ...]] = None
+    batch_sizes: tuple[int, ...] | None = None
     layer_sensitivity: bool = True
-    threads: Optional[int] = 1
+    threads: int | None = 1
     test_fraction: float = 0.2
-    max_train: Optional[int] = None
-    max_test: Optional[int] = None
-    entropy_folds: Optional[int] = None
+    max_train: int | None = None
+    max_test: int | None = None
+    entropy_folds: int | None = None
     train: analysis.TrainSettings = field(default_factory=analysis.TrainSettings)
 
-    def resolved(self) -> "AuditOptions":
+    def resolved(self) -> AuditOptions:
         """A copy with the ``None`` defaults filled in for ``fast`` or the full run, checked."""
         seeds = self.seeds if self.seeds is not None else (_FAST_SEEDS if self.fast else _DEFAULT_SEEDS)
         epochs = self.epochs if self.epochs is not None else (_FAST_EPOCHS if self.fast else _DEFAULT_EPOCHS)
@@ -158,7 +159,7 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
     return (x[~test], y[~test]), (x[test], y[test])
 
 
-def _stratified_subset(x: torch.Tensor, y: torch.Tensor, n: Optional[int]):
+def _stratified_subset(x: torch.Tensor, y: torch.Tensor, n: int | None):
     """At most ``n`` samples, every class in its original proportion (the first ones: the split is random)."""
     if n is None or n >= len(y):
         return x, y
@@ -180,14 +181,14 @@ def make_model(noise: Any = False):
 
 
 def conditions(*, allow_batch_dependence: bool = False,
-               include_official: bool = True) -> Dict[str, Optional[NoiseConfig]]:
+               include_official: bool = True) -> dict[str, NoiseConfig | None]:
     """The noise conditions of the experiment, name -> NoiseConfig (``None``: no noise).
 
     ``official`` (optimal Q across the batch at inference, :meth:`NoiseConfig.official_vit`) makes
     predictions depend on the batch: it is built only with ``allow_batch_dependence=True`` and raises
     :class:`~noisynn_kernels.BatchDependenceError` otherwise; ``include_official=False`` leaves it out.
     """
-    conds: Dict[str, Optional[NoiseConfig]] = {
+    conds: dict[str, NoiseConfig | None] = {
         "none": None,
         "optimal/tokens": NoiseConfig(kind="optimal", axis="tokens"),
         "optimal/rows": NoiseConfig(kind="optimal", axis="rows"),
@@ -217,7 +218,7 @@ _DESCRIPTIONS = {
 # --------------------------------------------------------------------------------------------------
 # the run
 # --------------------------------------------------------------------------------------------------
-def _environment() -> Dict[str, Any]:
+def _environment() -> dict[str, Any]:
     env = dict(environment(torch.device("cpu")))
     env["threads"] = torch.get_num_threads()
     try:
@@ -231,7 +232,7 @@ def _environment() -> Dict[str, Any]:
 
 def _block_input_features(model, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The residual stream entering the last block (where the sample-local noises sit), ``(N, T, D)``."""
-    captured: List[torch.Tensor] = []
+    captured: list[torch.Tensor] = []
     handle = model_blocks(model)[-1].register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     was = model.training
     model.eval()
@@ -245,14 +246,14 @@ def _block_input_features(model, x: torch.Tensor, batch_size: int = 256) -> torc
     return torch.cat(captured)
 
 
-def _mean_std(values: Sequence[float]) -> Dict[str, float]:
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
     vals = [float(v) for v in values]
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "min": min(vals), "max": max(vals), "n": len(vals)}
 
 
 def _entropy_rows(x: torch.Tensor, y: torch.Tensor, *, prefix_tokens: int, grid, eval_batch_size: int,
-                  seed: int, folds: int) -> List[dict]:
+                  seed: int, folds: int) -> list[dict]:
     # Only the noises' own parameters matter here (apply_noise ignores the train/eval switches); the
     # batch-axis configs still carry the explicit opt-in, as any batch-mixing config on at eval must.
     batch = NoiseConfig(kind="optimal", axis="batch", allow_batch_dependence=True)
@@ -274,9 +275,10 @@ def _entropy_rows(x: torch.Tensor, y: torch.Tensor, *, prefix_tokens: int, grid,
     return rows
 
 
-def run(opts: AuditOptions = AuditOptions()) -> dict:
-    """Run the audit; returns the result dict (also written to ``<out>/audit.json``), with ``paths``."""
-    opts = opts.resolved()
+def run(opts: AuditOptions | None = None) -> dict:
+    """Run the audit with ``opts`` (default: ``AuditOptions()``); returns the result dict (also written
+    to ``<out>/audit.json``), with ``paths``."""
+    opts = (AuditOptions() if opts is None else opts).resolved()
     threads_before = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
@@ -301,12 +303,12 @@ def _run(opts: AuditOptions) -> dict:
     progress.note(f"digits: {len(ytr)} train / {len(yte)} test images; {len(seeds)} seed(s) x "
                   f"{opts.epochs} epochs; {torch.get_num_threads()} threads; output {opts.out}")
 
-    per_condition: Dict[str, Dict[str, Any]] = {
+    per_condition: dict[str, dict[str, Any]] = {
         name: {"config": None if cfg is None else cfg.to_dict(), "description": _DESCRIPTIONS[name],
                "trained_with_noise": cfg is not None and cfg.train, "seeds": []} for name, cfg in conds.items()}
-    sweep: Dict[str, Dict[str, Dict[int, List[float]]]] = {
+    sweep: dict[str, dict[str, dict[int, list[float]]]] = {
         c: {o: {b: [] for b in opts.batch_sizes} for o in ("sorted", "shuffled")} for c in ("official", "none")}
-    layers: Dict[str, List[dict]] = {"optimal/tokens": [], "official": []}
+    layers: dict[str, list[dict]] = {"optimal/tokens": [], "official": []}
     baseline_models = {}
 
     for seed in seeds:
@@ -349,7 +351,8 @@ def _run(opts: AuditOptions) -> dict:
             ls = analysis.layer_sensitivity(lambda: make_model(False), conds["optimal/tokens"], (xtr, ytr),
                                             (xte, yte), layers=range(n_blocks - 1), settings=opts.train, seed=seed,
                                             eval_batch_size=opts.eval_batch_size, orderings=("shuffled",),
-                                            on_run=lambda what: progress(f"seed {seed} layer sensitivity: {what}"))
+                                            on_run=lambda what, seed=seed: progress(
+                                                f"seed {seed} layer sensitivity: {what}"))
             ls = ls.to_dict()
             last = per_condition["optimal/tokens"]["seeds"][-1]
             ls["layers"].append(n_blocks - 1)
@@ -359,7 +362,8 @@ def _run(opts: AuditOptions) -> dict:
             layers["optimal/tokens"].append(ls)
             # Eval-only noise: the no-noise weights with the noise moved between blocks.  Batch size 1 is
             # left out: a batch-axis mix of one sample is the identity (the no-noise accuracy).
-            ls = analysis.layer_sensitivity(lambda: copy.deepcopy(base), conds["official"], (xtr, ytr), (xte, yte),
+            ls = analysis.layer_sensitivity(lambda base=base: copy.deepcopy(base), conds["official"], (xtr, ytr),
+                                            (xte, yte),
                                             settings=analysis.TrainSettings(**{**asdict(opts.train), "epochs": 0}),
                                             seed=seed, eval_batch_size=opts.eval_batch_size,
                                             orderings=("sorted", "shuffled"))
@@ -438,13 +442,13 @@ def _json_default(o):
 # --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
-def _pct(s: Dict[str, float], spread: bool = True) -> str:
+def _pct(s: dict[str, float], spread: bool = True) -> str:
     if s["n"] > 1 and spread:
         return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
     return f"{100 * s['mean']:.1f}"
 
 
-def _pp(s: Dict[str, float]) -> str:
+def _pp(s: dict[str, float]) -> str:
     sign = "+" if s["mean"] >= 0 else "−"
     core = f"{sign}{abs(100 * s['mean']):.1f}"
     return core + (f" ± {100 * s['std']:.1f}" if s["n"] > 1 else "")
@@ -456,7 +460,7 @@ def _verdict(s: dict) -> str:
     return "**yes**" if s["batch_dependent"] else "no"
 
 
-def _interpretation(result: dict) -> List[str]:
+def _interpretation(result: dict) -> list[str]:
     sm = result["summary"]
     none, off = sm["none"], sm["official"]
     lines = []
@@ -567,7 +571,7 @@ def _interpretation(result: dict) -> List[str]:
 def write_report(result: dict, out_dir: str) -> str:
     """Write ``report.md`` for an audit result; returns its path."""
     env, opts, sm = result["environment"], result["options"], result["summary"]
-    L: List[str] = []
+    L: list[str] = []
     L.append("# NoisyNN batch-dependence audit\n")
     if opts["fast"]:
         L.append("> **`--fast` smoke run**: 1 seed, very few epochs, a subset of the images. The numbers check the "
@@ -703,7 +707,7 @@ def write_report(result: dict, out_dir: str) -> str:
 _ORDER_COLORS = {"sorted": "#d62728", "shuffled": "#1f77b4", "single": "#2ca02c"}
 
 
-def write_plots(result: dict, out_dir: str) -> List[str]:
+def write_plots(result: dict, out_dir: str) -> list[str]:
     """Write ``accuracy_by_ordering.png``, ``official_batch_size.png``, ``layer_sensitivity.png`` (when
     run) and ``entropy.png``; returns their paths.  Needs matplotlib."""
     import matplotlib

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List, Optional
 
 __all__ = ["main", "bench_noise"]
 
@@ -96,7 +95,8 @@ def _audit(args) -> int:
     from .errors import NoisyNNError
 
     try:
-        from .audit import AuditOptions, run as run_audit
+        from .audit import AuditOptions
+        from .audit import run as run_audit
 
         result = run_audit(AuditOptions(out=args.out, seeds=args.seeds, epochs=args.epochs, fast=args.fast,
                                         threads=args.threads, quiet=args.quiet))
@@ -111,7 +111,7 @@ def _audit(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train":
         from .train import run as run_train
@@ -146,7 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{list(args.op_shape)} --op-sizes {args.op_sizes}", file=sys.stderr)
         return 2
     opts = BenchOptions(models=models, batch_size=args.batch_size, img_size=args.img_size, dtype=args.dtype,
-                        device=args.device, noise=args.noise, backend=args.backend, ops=args.ops, op_shape=tuple(args.op_shape),
+                        device=args.device, noise=args.noise, backend=args.backend, ops=args.ops,
+                        op_shape=tuple(args.op_shape),
                         op_sizes=tuple(args.op_sizes), attention=args.attention, attn_shape=tuple(args.attn_shape),
                         compile=args.compile, channels_last=args.channels_last,
                         amp=args.amp,

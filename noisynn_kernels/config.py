@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -62,13 +62,13 @@ class NoiseConfig:
     kind: str = "optimal"
     axis: str = "tokens"
     alpha: float = quality.DEFAULT_ALPHA
-    matrix: Optional[torch.Tensor] = None
+    matrix: torch.Tensor | None = None
     std: float = 1.0
     mean: float = 0.0
     strength: float = 0.1
     p: float = 0.1
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     layer: int = -1
     position: str = "block_input"
     train: bool = True
@@ -76,7 +76,7 @@ class NoiseConfig:
     straight_through: bool = False
     allow_batch_dependence: bool = False
     check_matrix: bool = True
-    seed: Optional[int] = None
+    seed: int | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -142,7 +142,7 @@ class NoiseConfig:
         """Whether the noise is applied in training (``True``) or eval (``False``) mode."""
         return self.train if training else self.eval
 
-    def replace(self, **changes: Any) -> "NoiseConfig":
+    def replace(self, **changes: Any) -> NoiseConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -170,7 +170,7 @@ class NoiseConfig:
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def coerce(cls, value: Any) -> Optional["NoiseConfig"]:
+    def coerce(cls, value: Any) -> NoiseConfig | None:
         """A NoiseConfig from ``None`` (no noise), a NoiseConfig, a dict of fields or a kind name."""
         if value is None or isinstance(value, NoiseConfig):
             return value
@@ -186,7 +186,7 @@ class NoiseConfig:
                           f"got {type(value).__name__}")
 
     @classmethod
-    def official_vit(cls, **overrides: Any) -> "NoiseConfig":
+    def official_vit(cls, **overrides: Any) -> NoiseConfig:
         """The official NoisyViT protocol: optimal Q across the *batch* on the LayerNorm-1 output of the
         last block, off in training and on at evaluation.  Batch-dependent at inference: it raises
         :class:`~noisynn_kernels.BatchDependenceError` unless ``allow_batch_dependence=True`` is passed."""
@@ -195,7 +195,7 @@ class NoiseConfig:
         return cls(**fields)
 
     @classmethod
-    def official_cnn(cls, **overrides: Any) -> "NoiseConfig":
+    def official_cnn(cls, **overrides: Any) -> NoiseConfig:
         """The official NoisyResNet protocol: shift Q (alpha 0.4) across the *batch* at the input of the
         last block (ResNet-50 stage 4, block 3), on in training and evaluation.  Batch-dependent at
         inference: it raises unless ``allow_batch_dependence=True`` (or ``eval=False``) is passed."""

@@ -8,14 +8,24 @@ backends the op has) and calls that backend's launcher from the op's table in
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 
 from . import quality, reference
 from ._ext import select_backend
-from ._validate import (AXES, check_activation, check_generator, check_mix_add_layernorm, check_noisy_attention,
-                        check_prefix, flag, mix_geometry, mixed_size, number)
+from ._validate import (
+    AXES,
+    check_activation,
+    check_generator,
+    check_mix_add_layernorm,
+    check_noisy_attention,
+    check_prefix,
+    flag,
+    mix_geometry,
+    mixed_size,
+    number,
+)
 from .errors import ConfigError, QualityMatrixError
 from .ops import mix_add_layernorm as _mix_add_layernorm_op
 from .ops import noisy_attention as _noisy_attention_op
@@ -40,7 +50,7 @@ _TABLES = {
 }
 
 
-def backend_for(op: str, device_type: str, backend: Optional[str] = None) -> str:
+def backend_for(op: str, device_type: str, backend: str | None = None) -> str:
     """The backend that runs ``op`` (``mix_add_layernorm``, ``noisy_attention``, ``gaussian`` or
     ``salt_and_pepper``) on ``device_type`` when ``backend`` is asked for (``None``: automatic), by the
     rules of :func:`noisynn_kernels._ext.select_backend` over the backends in the op's table."""
@@ -52,8 +62,8 @@ def _device_type(t) -> str:
 
 
 def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str = "tokens",
-                           alpha: float = quality.DEFAULT_ALPHA, matrix: Optional[torch.Tensor] = None,
-                           prefix_tokens: int = 0, grid: Optional[Sequence[int]] = None,
+                           alpha: float = quality.DEFAULT_ALPHA, matrix: torch.Tensor | None = None,
+                           prefix_tokens: int = 0, grid: Sequence[int] | None = None,
                            straight_through: bool = False, check: bool = True) -> torch.Tensor:
     """Linear transform noise ``X' = (I + Q) X`` (NoisyNN's positive noise).
 
@@ -109,8 +119,8 @@ def _check_seed(generator, seed) -> None:
 
 
 def gaussian_noise(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, strength: float = 0.1,
-                   prefix_tokens: int = 0, generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
-                   backend: Optional[str] = None) -> torch.Tensor:
+                   prefix_tokens: int = 0, generator: torch.Generator | None = None, seed: int | None = None,
+                   backend: str | None = None) -> torch.Tensor:
     """Gaussian noise ``x + strength * N(mean, std)`` elementwise (harmful noise; official defaults).
 
     Prefix tokens (class / register) are untouched.  The same ``generator`` state, or the same
@@ -130,9 +140,9 @@ def gaussian_noise(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, stre
                                            generator=generator, seed=seed)
 
 
-def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low: Optional[float] = None, high: Optional[float] = None,
-                          prefix_tokens: int = 0, generator: Optional[torch.Generator] = None,
-                          seed: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low: float | None = None, high: float | None = None,
+                          prefix_tokens: int = 0, generator: torch.Generator | None = None,
+                          seed: int | None = None, backend: str | None = None) -> torch.Tensor:
     """Salt-and-pepper ("impulse") noise: with probability ``p`` an element becomes ``high`` or ``low``
     (``p/2`` each).
 
@@ -155,10 +165,10 @@ def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low: Optional[float] = N
                                                   generator=generator, seed=seed)
 
 
-def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
-                      bias: Optional[torch.Tensor] = None, eps: float = 1e-6, *, mix=None, prefix_tokens: int = 0,
-                      grid: Optional[Sequence[int]] = None, mix_after_norm: bool = False,
-                      backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, eps: float = 1e-6, *, mix=None, prefix_tokens: int = 0,
+                      grid: Sequence[int] | None = None, mix_after_norm: bool = False,
+                      backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add + ``(I + Q)`` mix + LayerNorm in one op: returns ``(normed, residual_out)``.
 
     ``s = x + residual`` (or ``x``).  By default ``residual_out = M s`` and ``normed = LN(residual_out)``
@@ -186,9 +196,9 @@ def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor] = None, 
     return _mix_add_layernorm_op.LAUNCHERS[name](x, residual, weight, bias, eps, spec, mix_after_norm)
 
 
-def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mix=None, scale: Optional[float] = None,
-                    prefix_tokens: int = 0, grid: Optional[Sequence[int]] = None,
-                    backend: Optional[str] = None) -> torch.Tensor:
+def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mix=None, scale: float | None = None,
+                    prefix_tokens: int = 0, grid: Sequence[int] | None = None,
+                    backend: str | None = None) -> torch.Tensor:
     """Attention with linear transform noise on its output: ``M softmax(q k^T * scale) v``.
 
     ``M = I + Q`` mixes the query tokens of the ``(B, H, N, Dh)`` output: ``axis='tokens'`` the patch

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -50,16 +50,16 @@ class NoiseInjection(nn.Module):
     ``torch.export.export`` or ``torch.compile``.
     """
 
-    def __init__(self, config, prefix_tokens: int = 0, grid: Optional[Sequence[int]] = None):
+    def __init__(self, config, prefix_tokens: int = 0, grid: Sequence[int] | None = None):
         super().__init__()
         cfg = NoiseConfig.coerce(config)
         if cfg is None:
             raise TypeError("NoiseInjection needs a noise config, got None")
         self.config = cfg
         self.prefix_tokens = prefix_tokens
-        self.grid: Optional[Tuple[int, int]] = tuple(grid) if grid is not None else None
+        self.grid: tuple[int, int] | None = tuple(grid) if grid is not None else None
         self.register_buffer("quality_matrix", cfg.matrix, persistent=False)
-        self._generators: Dict[str, torch.Generator] = {}
+        self._generators: dict[str, torch.Generator] = {}
         self._validated_k: set = set()
         self._warned_local_batch = False
 
@@ -89,7 +89,7 @@ class NoiseInjection(nn.Module):
         """Forget the per-device generators, so the next call starts again from ``config.seed``."""
         self._generators.clear()
 
-    def _generator(self, x: torch.Tensor) -> Optional[torch.Generator]:
+    def _generator(self, x: torch.Tensor) -> torch.Generator | None:
         if self.config.seed is None:
             return None
         key = str(x.device)

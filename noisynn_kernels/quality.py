@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
 
 import torch
 
@@ -95,7 +94,7 @@ def optimal(k: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
     return ones / (k + 1) - eye * (k / (k + 1))
 
 
-def mixing_matrix(kind: str, k: int, alpha: float = DEFAULT_ALPHA, matrix: Optional[torch.Tensor] = None,
+def mixing_matrix(kind: str, k: int, alpha: float = DEFAULT_ALPHA, matrix: torch.Tensor | None = None,
                   *, dtype=torch.float64, device=None) -> torch.Tensor:
     """The mixing matrix ``M = I + Q`` for ``kind`` in ``identity|shift|optimal|dense``.
 

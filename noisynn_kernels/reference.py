@@ -22,8 +22,6 @@ axis        (B, N, D) tokens                        (B, C, H, W) feature map
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +36,7 @@ __all__ = [
 ]
 
 
-def mix_rows(v: torch.Tensor, kind: str, alpha: float = 0.3, M: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mix_rows(v: torch.Tensor, kind: str, alpha: float = 0.3, M: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``M = I + Q`` along dim 1 of a ``(outer, k, inner)`` tensor.
 
     ``M`` is the full mixing matrix, needed only for ``kind='dense'``.
@@ -57,13 +55,13 @@ def mix_rows(v: torch.Tensor, kind: str, alpha: float = 0.3, M: Optional[torch.T
     raise ValueError(f"unknown linear kind {kind!r}")
 
 
-def _split_prefix(x: torch.Tensor, prefix_tokens: int) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+def _split_prefix(x: torch.Tensor, prefix_tokens: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     if x.dim() == 3 and prefix_tokens:
         return x[:, :prefix_tokens], x[:, prefix_tokens:]
     return None, x
 
 
-def _join_prefix(head: Optional[torch.Tensor], body: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def _join_prefix(head: torch.Tensor | None, body: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     out = body if head is None else torch.cat([head, body], dim=1)
     if (like.dim() == 4 and not like.is_contiguous()
             and like.is_contiguous(memory_format=torch.channels_last)):
@@ -71,7 +69,7 @@ def _join_prefix(head: Optional[torch.Tensor], body: torch.Tensor, like: torch.T
     return out
 
 
-def mixed_view_shape(shape, axis: str, prefix_tokens: int = 0, grid: Optional[Tuple[int, int]] = None):
+def mixed_view_shape(shape, axis: str, prefix_tokens: int = 0, grid: tuple[int, int] | None = None):
     """The ``(outer, k, inner)`` shape that the patch part of a tensor of ``shape`` is mixed in."""
     if len(shape) == 3:
         B, N, D = shape
@@ -91,8 +89,8 @@ def mixed_view_shape(shape, axis: str, prefix_tokens: int = 0, grid: Optional[Tu
 
 
 def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str = "tokens", alpha: float = 0.3,
-                           M: Optional[torch.Tensor] = None, prefix_tokens: int = 0,
-                           grid: Optional[Tuple[int, int]] = None, straight_through: bool = False) -> torch.Tensor:
+                           M: torch.Tensor | None = None, prefix_tokens: int = 0,
+                           grid: tuple[int, int] | None = None, straight_through: bool = False) -> torch.Tensor:
     """``(I + Q) X`` along ``axis``; prefix tokens unchanged.  ``M`` is the full ``k x k`` mixing matrix
     (``dense`` only).  With ``straight_through`` the forward value is ``M x`` and the gradient the identity."""
     head, body = _split_prefix(x, prefix_tokens)
@@ -103,14 +101,14 @@ def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str 
     return _join_prefix(head, mixed, x)
 
 
-def _draw(shape, draw, x: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _draw(shape, draw, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # Half types are drawn in fp32 so a seed gives the same noise whatever the activation dtype.
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     return draw(shape, generator=generator, device=x.device, dtype=dtype)
 
 
 def gaussian_noise(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, strength: float = 0.1,
-                   prefix_tokens: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   prefix_tokens: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x + strength * N(mean, std)`` elementwise on the patch part (official defaults)."""
     head, body = _split_prefix(x, prefix_tokens)
     z = _draw(body.shape, torch.randn, x, generator)
@@ -119,7 +117,7 @@ def gaussian_noise(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, stre
 
 
 def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low=None, high=None, prefix_tokens: int = 0,
-                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                          generator: torch.Generator | None = None) -> torch.Tensor:
     """Each patch element draws ``u ~ U(0, 1)``: ``u < p/2`` becomes ``high`` (salt), ``u > 1 - p/2``
     becomes ``low`` (pepper).  ``low``/``high`` default to the detached minimum/maximum of all of ``x``."""
     head, body = _split_prefix(x, prefix_tokens)
@@ -131,7 +129,7 @@ def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low=None, high=None, pre
     return _join_prefix(head, noisy, x)
 
 
-def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim, written out (the oracle for fused kernels)."""
     mu = x.mean(dim=-1, keepdim=True)
     var = (x - mu).pow(2).mean(dim=-1, keepdim=True)
@@ -143,7 +141,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     return y
 
 
-def _layer_norm_keep_dtype(t: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+def _layer_norm_keep_dtype(t: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                            eps: float) -> torch.Tensor:
     """``F.layer_norm`` over the last dim, computed in the promoted dtype of ``t``, ``weight`` and ``bias``
     and returned in ``t``'s dtype (``F.layer_norm`` itself rejects e.g. fp32 ``t`` with a bf16 weight)."""
@@ -158,10 +156,10 @@ def _layer_norm_keep_dtype(t: torch.Tensor, weight: Optional[torch.Tensor], bias
                         None if bias is None else bias.to(dt), eps).to(t.dtype)
 
 
-def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                      bias: Optional[torch.Tensor], eps: float = 1e-6, *, kind: str = "identity", axis: str = "tokens",
-                      alpha: float = 0.3, M: Optional[torch.Tensor] = None, prefix_tokens: int = 0,
-                      grid: Optional[Tuple[int, int]] = None, mix_after_norm: bool = False,
+def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                      bias: torch.Tensor | None, eps: float = 1e-6, *, kind: str = "identity", axis: str = "tokens",
+                      alpha: float = 0.3, M: torch.Tensor | None = None, prefix_tokens: int = 0,
+                      grid: tuple[int, int] | None = None, mix_after_norm: bool = False,
                       straight_through: bool = False):
     """Residual add, ``(I + Q)`` mix and LayerNorm: returns ``(normed, residual_out)``.
 
@@ -186,9 +184,9 @@ def mix_add_layernorm(x: torch.Tensor, residual: Optional[torch.Tensor], weight:
     return _layer_norm_keep_dtype(r, weight, bias, eps), r
 
 
-def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
-                    kind: str = "identity", axis: str = "tokens", alpha: float = 0.3, M: Optional[torch.Tensor] = None,
-                    prefix_tokens: int = 0, grid: Optional[Tuple[int, int]] = None,
+def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                    kind: str = "identity", axis: str = "tokens", alpha: float = 0.3, M: torch.Tensor | None = None,
+                    prefix_tokens: int = 0, grid: tuple[int, int] | None = None,
                     straight_through: bool = False) -> torch.Tensor:
     """``M softmax(q k^T * scale) v`` for ``(B, H, N, Dh)`` inputs, written out (the scores are
     materialised: this is the definition, not a fast path).  ``scale`` defaults to ``Dh ** -0.5``.

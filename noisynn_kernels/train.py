@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 __all__ = ["add_arguments", "build_parser", "parse_noise", "run", "main"]
 
@@ -54,7 +54,7 @@ def parse_noise(text: str):
             raise argparse.ArgumentTypeError(f"--noise is not valid JSON: {e}") from None
         return NoiseConfig.coerce(fields)
     if "=" in text:
-        fields: Dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         for part in text.split(","):
             key, _, value = part.partition("=")
             value = value.strip()
@@ -141,12 +141,13 @@ def _device(name: str, local_rank: int):
 
 def run(args: argparse.Namespace) -> int:
     """Train as ``args`` say; returns an exit code (2 for bad arguments)."""
+    import timm
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    import timm
 
     import noisynn_kernels  # noqa: F401  (registers the noisy_* timm models)
+
     from .errors import NoisyNNError
     from .models import NOISY_MODELS
     from .models.fused import swap_fused_ops
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         local = args.batch_size // world
         log(f"noisynn train: {args.model} on {device} x {world} process(es), global batch {args.batch_size} "
             f"({local} per process), {args.steps} steps, noise {_describe(noise)}{', fused' if args.fused else ''}")
-        losses: List[float] = []
+        losses: list[float] = []
         t0 = time.perf_counter()
         for step, (x, y) in enumerate(_synthetic_batches(args.steps, args.batch_size, args.num_classes,
                                                          args.img_size, args.seed)):
@@ -233,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
     if rank == 0 and args.out:
         params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
         torch.save({"losses": losses, "grads": grads, "params": params, "world_size": world,
-                    "args": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}},
+                    "args": {k: v for k, v in vars(args).items()
+                             if isinstance(v, (str, int, float, bool, type(None)))}},
                    args.out)
         log(f"saved {args.out}")
     if distributed:
@@ -242,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m noisynn_kernels.train`` (and of ``noisynn train``)."""
     return run(build_parser().parse_args(argv))
 

@@ -23,8 +23,15 @@ import pytest
 import torch
 
 import noisynn_kernels as nk
-from noisynn_kernels import (BackendUnavailableError, ConfigError, NoiseConfig, NoisyNNError, QualityMatrixError,
-                             ShapeError, reference)
+from noisynn_kernels import (
+    BackendUnavailableError,
+    ConfigError,
+    NoiseConfig,
+    NoisyNNError,
+    QualityMatrixError,
+    ShapeError,
+    reference,
+)
 from noisynn_kernels._ext import backend_status
 
 BACKENDS = [b for b in ("reference", "cpu", "triton") if backend_status(b, "cpu") is None]
@@ -393,10 +400,10 @@ def test_fused_random_noise_bad_seed_and_device():
     x = X(2, 5, 8)
     for fn in (lambda x, **kw: nk.gaussian_noise(x, backend="triton", **kw),
                lambda x, **kw: nk.salt_and_pepper_noise(x, 0.1, backend="triton", **kw)):
-        _raises(ConfigError, lambda: fn(x, seed=-1), "seed")
-        _raises(ConfigError, lambda: fn(x, seed=1.5), "seed")
-        _raises(ConfigError, lambda: fn(x, seed=1, generator=torch.Generator()), "either seed or generator")
-        _raises(BackendUnavailableError, lambda: fn(x.to("meta")), "meta")
+        _raises(ConfigError, lambda fn=fn: fn(x, seed=-1), "seed")
+        _raises(ConfigError, lambda fn=fn: fn(x, seed=1.5), "seed")
+        _raises(ConfigError, lambda fn=fn: fn(x, seed=1, generator=torch.Generator()), "either seed or generator")
+        _raises(BackendUnavailableError, lambda fn=fn: fn(x.to("meta")), "meta")
 
 
 @pytest.mark.parametrize("fname,fn", RANDOM_FNS, ids=[f[0] for f in RANDOM_FNS])

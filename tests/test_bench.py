@@ -181,4 +181,5 @@ def test_environment_records_the_allocator_setting(monkeypatch):
     assert environment(torch.device("cpu"))["malloc"] == "default"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
     monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
-    assert environment(torch.device("cpu"))["malloc"] == "LD_PRELOAD=libjemalloc.so.2 GLIBC_TUNABLES=glibc.malloc.mmap_max=0"
+    assert (environment(torch.device("cpu"))["malloc"]
+            == "LD_PRELOAD=libjemalloc.so.2 GLIBC_TUNABLES=glibc.malloc.mmap_max=0")

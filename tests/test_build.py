@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 
-from noisynn_kernels import BackendUnavailableError, NoiseConfig
-from noisynn_kernels import _ext
+from noisynn_kernels import BackendUnavailableError, NoiseConfig, _ext
 from noisynn_kernels._ext import backend_status, extension
 from noisynn_kernels._validate import check_mix_add_layernorm
 from noisynn_kernels.ops.mix_add_layernorm import cpp as cpp_op
@@ -49,7 +48,8 @@ def test_build_cuda_mode(setup_py, value, mode):
 
 @pytest.mark.parametrize("value", ["2", "-1", "yes", "no", "true", "on", "cuda", "auto1", "0 1"])
 def test_build_cuda_mode_rejects_other_values(setup_py, value):
-    with pytest.raises(setup_py.BuildConfigError, match=r"NOISYNN_BUILD_CUDA=.* is not a valid value.*'auto'.*'1'.*'0'"):
+    with pytest.raises(setup_py.BuildConfigError,
+                       match=r"NOISYNN_BUILD_CUDA=.* is not a valid value.*'auto'.*'1'.*'0'"):
         setup_py.cuda_build_mode(value)
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from noisynn_kernels import quality
 from noisynn_kernels.config import KINDS, POSITIONS, RANDOM_KINDS, NoiseConfig
-from noisynn_kernels.errors import (BatchDependenceError, ConfigError, NoisyNNError, QualityMatrixError)
+from noisynn_kernels.errors import BatchDependenceError, ConfigError, NoisyNNError, QualityMatrixError
 from noisynn_kernels.nn import NoiseInjection
 
 
@@ -47,7 +47,8 @@ def test_module_constants():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(kind="identity"), dict(kind="shift", alpha=0.5), dict(kind="shift", alpha=0.0), dict(kind="optimal", axis="rows"),
+    dict(kind="identity"), dict(kind="shift", alpha=0.5), dict(kind="shift", alpha=0.0),
+    dict(kind="optimal", axis="rows"),
     dict(kind="dense", matrix=small_q()), dict(kind="gaussian", std=0.0, mean=-2.0, strength=3.0, seed=1),
     dict(kind="salt_and_pepper", p=1.0, low=0.0, high=1.0), dict(kind="salt_and_pepper", p=0.0, low=1.0, high=1.0),
     dict(layer=0), dict(layer=11), dict(layer=-3), dict(position="attn_input"), dict(position="image"),

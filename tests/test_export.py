@@ -67,7 +67,8 @@ def test_export_noisy_vit_in_eval_mode(noise, swapped):
 
 
 @pytest.mark.parametrize("noise", [dict(kind="gaussian", strength=0.5), dict(kind="salt_and_pepper", p=0.3),
-                                   dict(kind="gaussian", strength=0.5, seed=4)], ids=["gaussian", "snp", "gaussian-seed"])
+                                   dict(kind="gaussian", strength=0.5, seed=4)],
+                         ids=["gaussian", "snp", "gaussian-seed"])
 def test_export_redraws_random_noise_at_every_call(noise):
     model = _tiny(noise)
     with torch.no_grad():

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
+from _oracle import dense_q
+from _oracle import gen as _gen
 
-from noisynn_kernels import functional as F
 from noisynn_kernels import AXES, quality
+from noisynn_kernels import functional as F
 from noisynn_kernels.errors import ConfigError, NoisyNNError, QualityMatrixError, ShapeError
-
-from _oracle import dense_q, gen as _gen
 
 KINDS = quality.LINEAR_KINDS
 ALPHA = 0.3

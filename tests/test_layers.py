@@ -169,18 +169,19 @@ def test_the_checker_sees_upward_imports_and_cycles():
     # an upward import, as ops/mix_add_layernorm/cpp.py would write it, is resolved and flagged
     node = ast.parse("from ...functional import mix_add_layernorm").body[0]
     [(target, names)] = _resolve("ops.mix_add_layernorm.cpp", node)
-    assert (target, names) == ("functional", ["mix_add_layernorm"]) and layer(target) > layer("ops.mix_add_layernorm.cpp")
+    assert (target, names) == ("functional", ["mix_add_layernorm"])
+    assert layer(target) > layer("ops.mix_add_layernorm.cpp")
 
 
 def test_import_loads_none_of_the_tools():
     code = ("import sys, noisynn_kernels\n"
             "tools = [m for m in sys.modules if m.split('.')[0] == 'noisynn_kernels' and len(m.split('.')) > 1\n"
-            "         and m.split('.')[1] in %r]\n"
+            f"         and m.split('.')[1] in {TOOLS!r}]\n"
             "heavy = [m for m in ('matplotlib', 'sklearn') if m in sys.modules]\n"
             "print(tools, heavy)\n"
             "assert not tools and not heavy, (tools, heavy)\n"
             "import noisynn_kernels as nk\n"
-            "assert nk.analysis.batch_dependence and 'noisynn_kernels.analysis' in sys.modules\n") % (TOOLS,)
+            "assert nk.analysis.batch_dependence and 'noisynn_kernels.analysis' in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -16,8 +16,17 @@ import torch
 from torch import nn
 
 import noisynn_kernels as nk  # registers the noisy_* models with timm
-from noisynn_kernels import (BatchDependenceError, ConfigError, NoiseConfig, NoiseInjection, UnsupportedModelError,
-                             apply_noisynn, linear_transform_noise, noise_config, remove_noisynn)
+from noisynn_kernels import (
+    BatchDependenceError,
+    ConfigError,
+    NoiseConfig,
+    NoiseInjection,
+    UnsupportedModelError,
+    apply_noisynn,
+    linear_transform_noise,
+    noise_config,
+    remove_noisynn,
+)
 from noisynn_kernels.models import base_model_name, model_blocks
 
 EXPECTED_NAMES = {f"noisy_vit_{s}_patch16_{r}" for s in ("tiny", "small", "base", "large") for r in (224, 384)} | {

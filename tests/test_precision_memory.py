@@ -278,9 +278,9 @@ def test_swapped_vit_saves_no_more_than_unswapped():
     x = torch.randn(4, 3, 32, 32)
     for noise in (False, dict(kind="optimal", axis="tokens"), dict(kind="shift", axis="rows", position="attn_input")):
         model = _tiny_vit(noise).train()
-        n_plain, bytes_plain, _ = _saved(lambda: model(x))
+        n_plain, bytes_plain, _ = _saved(lambda model=model: model(x))
         nk.swap_fused_ops(model)
-        n_fused, bytes_fused, _ = _saved(lambda: model(x))
+        n_fused, bytes_fused, _ = _saved(lambda model=model: model(x))
         assert n_fused < n_plain and bytes_fused <= bytes_plain, (noise, n_fused, bytes_fused, n_plain, bytes_plain)
 
 
@@ -304,10 +304,10 @@ def test_mix_add_layernorm_under_cuda_autocast(amp_dtype, backend):
     with torch.autocast("cuda", dtype=amp_dtype):
         got = nk.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1, backend=backend)
         low = nk.mix_add_layernorm(x.to(amp_dtype), r.to(amp_dtype), w, b, mix=cfg, prefix_tokens=1, backend=backend)
-    for a, e, l in zip(got, exp, low):
-        assert a.dtype == torch.float32 and l.dtype == amp_dtype
+    for a, e, lo in zip(got, exp, low):
+        assert a.dtype == torch.float32 and lo.dtype == amp_dtype
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(l.float(), e, rtol=2e-2, atol=2e-2 if amp_dtype == torch.float16 else 6e-2)
+        torch.testing.assert_close(lo.float(), e, rtol=2e-2, atol=2e-2 if amp_dtype == torch.float16 else 6e-2)
 
 
 @pytest.mark.gpu

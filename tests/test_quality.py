@@ -277,9 +277,10 @@ def test_check_structured_agrees_with_validate(kind, dominance, invertible):
     alphas = (0.0, 0.05, 0.2, 0.3, 0.4, 0.49, 0.5, 0.51, 0.6, 0.7, 0.9, 1.0)
     for k in ks:
         for a in (alphas if kind == "shift" else (0.3,)):
-            fast = _outcome(lambda: quality.check_structured(kind, k, a, dominance=dominance, invertible=invertible))
-            slow = _outcome(lambda: quality.validate(quality.mixing_matrix(kind, k, a), dominance=dominance,
-                                                     invertible=invertible))
+            fast = _outcome(lambda k=k, a=a: quality.check_structured(kind, k, a, dominance=dominance,
+                                                                      invertible=invertible))
+            slow = _outcome(lambda k=k, a=a: quality.validate(quality.mixing_matrix(kind, k, a), dominance=dominance,
+                                                              invertible=invertible))
             assert fast == slow, (kind, k, a, fast, slow)
 
 

@@ -109,7 +109,8 @@ def test_unsupported_models_raise():
     with pytest.raises(UnsupportedModelError):
         swap_fused_ops(timm.create_model("resnet18"))
     with pytest.raises(UnsupportedModelError, match="Block"):
-        swap_fused_ops(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, block_fn=timm.models.vision_transformer.ResPostBlock))
+        swap_fused_ops(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1,
+                                         block_fn=timm.models.vision_transformer.ResPostBlock))
     m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
     m.set_grad_checkpointing(True)
     with pytest.raises(UnsupportedModelError, match="checkpointing"):

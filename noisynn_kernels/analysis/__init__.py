@@ -23,8 +23,16 @@ Modules, each importing only the ones listed before it (and the library below):
 """
 
 from .batch import ORDERINGS, BatchDependenceResult, batch_dependence, default_tolerance, ordering_batches, predict
-from .entropy import (EntropyDiagnostics, apply_noise, conditional_entropy_gaussian, entropy_change,
-                      entropy_diagnostics, gaussian_entropy, label_entropy, shrunk_covariance)
+from .entropy import (
+                      EntropyDiagnostics,
+                      apply_noise,
+                      conditional_entropy_gaussian,
+                      entropy_change,
+                      entropy_diagnostics,
+                      gaussian_entropy,
+                      label_entropy,
+                      shrunk_covariance,
+)
 from .layers import LayerSensitivity, layer_sensitivity
 from .training import TrainSettings, evaluate_accuracy, train_classifier
 

@@ -7,8 +7,6 @@ and :mod:`.layers` can share them.  It depends on the library only (``config``, 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import nn
 
@@ -59,7 +57,7 @@ def check_labels(labels, n: int, name: str = "targets") -> torch.Tensor:
     return labels.detach().to("cpu", torch.long)
 
 
-def check_noise_guard(model: nn.Module) -> Optional[NoiseConfig]:
+def check_noise_guard(model: nn.Module) -> NoiseConfig | None:
     """The model's noise config; refuses one that mixes the batch at eval without its opt-in.
 
     ``NoiseConfig`` already raises at construction, so this only fires for a config whose frozen
@@ -73,7 +71,7 @@ def check_noise_guard(model: nn.Module) -> Optional[NoiseConfig]:
     return cfg
 
 
-def model_device_dtype(model: nn.Module, device) -> Tuple[torch.device, Optional[torch.dtype]]:
+def model_device_dtype(model: nn.Module, device) -> tuple[torch.device, torch.dtype | None]:
     """``(device, dtype)`` to run ``model`` with: ``device`` (default: its parameters') and its parameters' dtype."""
     p = next(model.parameters(), None)
     if device is None:

@@ -9,16 +9,23 @@ show none; batch-axis mixing at inference (the official NoisyViT protocol) shows
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ShapeError
-from ._checks import (as_input, check_data, check_labels, check_model, check_noise_guard, model_device_dtype,
-                      positive_int)
+from ._checks import (
+    as_input,
+    check_data,
+    check_labels,
+    check_model,
+    check_noise_guard,
+    model_device_dtype,
+    positive_int,
+)
 
 __all__ = ["ORDERINGS", "ordering_batches", "predict", "default_tolerance", "BatchDependenceResult",
            "batch_dependence"]
@@ -29,8 +36,8 @@ __all__ = ["ORDERINGS", "ordering_batches", "predict", "default_tolerance", "Bat
 ORDERINGS = ("sorted", "shuffled", "single", "given")
 
 
-def ordering_batches(n: int, ordering: str, batch_size: int, targets: Optional[torch.Tensor] = None,
-                     seed: int = 0) -> List[torch.Tensor]:
+def ordering_batches(n: int, ordering: str, batch_size: int, targets: torch.Tensor | None = None,
+                     seed: int = 0) -> list[torch.Tensor]:
     """The index batches of ``n`` samples under ``ordering`` (see :data:`ORDERINGS`).
 
     ``sorted`` needs ``targets``: a stable sort by label, then consecutive chunks of ``batch_size`` (a
@@ -64,7 +71,7 @@ def predict(model: nn.Module, data: torch.Tensor, batches: Sequence[torch.Tensor
     """
     data = check_data(data)
     dev, dtype = model_device_dtype(check_model(model), device)
-    out: Optional[torch.Tensor] = None
+    out: torch.Tensor | None = None
     seen = torch.zeros(data.shape[0], dtype=torch.bool)
     with torch.no_grad():
         for idx in batches:
@@ -83,7 +90,7 @@ def predict(model: nn.Module, data: torch.Tensor, batches: Sequence[torch.Tensor
     return out
 
 
-def default_tolerance(dtype: Optional[torch.dtype], scale: float) -> float:
+def default_tolerance(dtype: torch.dtype | None, scale: float) -> float:
     """Largest output change still counted as float noise, for outputs of magnitude up to ``scale``.
 
     ``rel * max(1, scale)`` with ``rel = 1e-4`` for float32 (about 800 float32 epsilons: a matmul's
@@ -94,7 +101,7 @@ def default_tolerance(dtype: Optional[torch.dtype], scale: float) -> float:
     return rel * max(1.0, float(scale))
 
 
-def _divergence(a: torch.Tensor, b: torch.Tensor) -> Dict[str, float]:
+def _divergence(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     pa, pb = a.softmax(-1), b.softmax(-1)
     return {"max_logit_diff": float((a - b).abs().max()),
             "max_prob_diff": float((pa - pb).abs().max()),
@@ -127,19 +134,19 @@ class BatchDependenceResult:
             (not written by :meth:`to_dict`).
     """
 
-    orderings: Tuple[str, ...]
+    orderings: tuple[str, ...]
     batch_size: int
     n_samples: int
-    accuracy: Dict[str, float]
-    purity: Dict[str, float]
-    pairs: Dict[str, Dict[str, float]]
+    accuracy: dict[str, float]
+    purity: dict[str, float]
+    pairs: dict[str, dict[str, float]]
     max_logit_diff: float
     max_prob_diff: float
     n_argmax_changed: int
     tolerance: float
-    floor: Dict[str, float]
-    noise: Optional[dict] = None
-    outputs: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    floor: dict[str, float]
+    noise: dict | None = None
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def stochastic(self) -> bool:
@@ -147,7 +154,7 @@ class BatchDependenceResult:
         return self.floor["max_logit_diff"] > self.tolerance
 
     @property
-    def batch_dependent(self) -> Optional[bool]:
+    def batch_dependent(self) -> bool | None:
         """Whether some sample's output changed beyond ``tolerance`` when only the rest of its batch
         changed.  ``None`` for a stochastic model: its outputs move between any two passes, so per-sample
         changes cannot be blamed on the batch (compare ``accuracy`` across orderings, and ``pairs`` with
@@ -165,9 +172,9 @@ class BatchDependenceResult:
         return d
 
 
-def batch_dependence(model: nn.Module, data: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor | None = None, *,
                      batch_size: int = 10, orderings: Sequence[str] = ("sorted", "shuffled", "single"),
-                     seed: int = 0, device=None, tolerance: Optional[float] = None,
+                     seed: int = 0, device=None, tolerance: float | None = None,
                      keep_outputs: bool = False) -> BatchDependenceResult:
     """Evaluate ``model`` under several batch orderings and measure how much a sample's prediction
     depends on the other samples in its batch.

@@ -9,8 +9,8 @@ noise (:func:`apply_noise`), next to the paper's entropy change ``dS = -log|det(
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,7 +38,7 @@ def _features_matrix(features, name: str = "features") -> torch.Tensor:
     return z
 
 
-def _check_shrinkage(shrinkage) -> Union[float, str]:
+def _check_shrinkage(shrinkage) -> float | str:
     if shrinkage == "auto":
         return shrinkage
     if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0.0 <= shrinkage <= 1.0:
@@ -46,8 +46,8 @@ def _check_shrinkage(shrinkage) -> Union[float, str]:
     return float(shrinkage)
 
 
-def shrunk_covariance(centered: torch.Tensor, shrinkage: Union[float, str] = 0.0, *,
-                      dof: Optional[int] = None) -> Tuple[torch.Tensor, float]:
+def shrunk_covariance(centered: torch.Tensor, shrinkage: float | str = 0.0, *,
+                      dof: int | None = None) -> tuple[torch.Tensor, float]:
     """Covariance of already-centred rows, shrunk towards ``(tr S / d) I``; returns ``(cov, shrinkage)``.
 
     ``S = centered^T centered / dof`` (``dof`` defaults to ``n - 1``), ``cov = (1-s) S + s (tr S / d) I``.
@@ -77,7 +77,7 @@ def shrunk_covariance(centered: torch.Tensor, shrinkage: Union[float, str] = 0.0
     return S, float(shrinkage)
 
 
-def _cholesky_pd(S: torch.Tensor, what: str) -> Tuple[torch.Tensor, float]:
+def _cholesky_pd(S: torch.Tensor, what: str) -> tuple[torch.Tensor, float]:
     """``(L, ln|S|)`` of a covariance; raises a ShapeError when it is singular (to working precision)."""
     L, info = torch.linalg.cholesky_ex(S)
     pivots = L.diagonal().pow(2) if int(info) == 0 else None
@@ -96,7 +96,7 @@ def label_entropy(labels) -> float:
     return float(-(p * p.log()).sum())
 
 
-def gaussian_entropy(features: torch.Tensor, *, shrinkage: Union[float, str] = 0.0) -> float:
+def gaussian_entropy(features: torch.Tensor, *, shrinkage: float | str = 0.0) -> float:
     """Differential entropy ``H(Z) = 1/2 ln((2 pi e)^d |S_Z|)`` of a Gaussian fitted to the samples, in nats.
 
     ``features`` is ``(N, ...)``, flattened to ``(N, d)``; ``S_Z`` is the sample covariance (see
@@ -186,7 +186,7 @@ def _fit_inverse_temperature(loglik, log_prior, target) -> float:
 
 
 def conditional_entropy_gaussian(features: torch.Tensor, labels, *, method: str = "discriminant",
-                                 covariance: str = "shared", shrinkage: Union[float, str] = "auto",
+                                 covariance: str = "shared", shrinkage: float | str = "auto",
                                  folds: int = 5, calibrate: bool = True, seed: int = 0) -> float:
     """A Gaussian estimate of the task complexity ``H(Y|Z)`` of features ``Z`` for labels ``Y``, in nats.
 
@@ -278,7 +278,7 @@ def conditional_entropy_gaussian(features: torch.Tensor, labels, *, method: str 
 
 
 def apply_noise(features: torch.Tensor, noise, *, prefix_tokens: int = 0, grid=None,
-                batches: Optional[Sequence[torch.Tensor]] = None, seed: int = 0) -> torch.Tensor:
+                batches: Sequence[torch.Tensor] | None = None, seed: int = 0) -> torch.Tensor:
     """``features`` with ``noise`` applied as the noise layer applies it, regardless of its train/eval
     switches; a batch-axis noise mixes the samples of each of ``batches`` (index tensors; default: one
     batch of all samples).
@@ -341,18 +341,18 @@ class EntropyDiagnostics:
     """
 
     noise: dict
-    ordering: Optional[str]
-    batch_size: Optional[int]
-    k: Optional[int]
-    delta_S: Optional[float]
+    ordering: str | None
+    batch_size: int | None
+    k: int | None
+    delta_S: float | None
     H_Y: float
     H_Z_before: float
     H_Z_after: float
-    expected_H_Z_change: Optional[float]
+    expected_H_Z_change: float | None
     H_Y_given_Z_before: float
     H_Y_given_Z_after: float
     method: str
-    shrinkage: Union[float, str]
+    shrinkage: float | str
     folds: int
 
     @property
@@ -370,8 +370,8 @@ class EntropyDiagnostics:
 def entropy_diagnostics(features: torch.Tensor, labels, noise, *, prefix_tokens: int = 0, grid=None,
                         ordering: str = "shuffled", batch_size: int = 10, seed: int = 0,
                         method: str = "discriminant", covariance: str = "shared",
-                        shrinkage: Union[float, str] = "auto", folds: int = 5,
-                        before: Optional[Tuple[float, float]] = None) -> EntropyDiagnostics:
+                        shrinkage: float | str = "auto", folds: int = 5,
+                        before: tuple[float, float] | None = None) -> EntropyDiagnostics:
     """``H(Z)`` and ``H(Y|Z)`` of ``features`` before and after ``noise``, next to the paper's ``dS``.
 
     In exact arithmetic an invertible sample-local ``(I+Q)`` changes ``H(Z)`` by ``-(d/k) dS`` and leaves

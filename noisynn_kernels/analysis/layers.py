@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,10 +37,10 @@ class LayerSensitivity:
     """
 
     noise: dict
-    layers: List[int]
-    accuracy: Dict[str, List[float]]
-    final_loss: List[float]
-    baseline_accuracy: Dict[str, float]
+    layers: list[int]
+    accuracy: dict[str, list[float]]
+    final_loss: list[float]
+    baseline_accuracy: dict[str, float]
     settings: dict
     seed: int
 
@@ -48,11 +49,11 @@ class LayerSensitivity:
         return asdict(self)
 
 
-def layer_sensitivity(model_factory: Callable[[], nn.Module], noise, train_data: Tuple[torch.Tensor, torch.Tensor],
-                      test_data: Tuple[torch.Tensor, torch.Tensor], *, layers: Optional[Sequence[int]] = None,
+def layer_sensitivity(model_factory: Callable[[], nn.Module], noise, train_data: tuple[torch.Tensor, torch.Tensor],
+                      test_data: tuple[torch.Tensor, torch.Tensor], *, layers: Sequence[int] | None = None,
                       settings: TrainSettings = TrainSettings(), seed: int = 0, eval_batch_size: int = 10,
                       orderings: Sequence[str] = ("shuffled",), baseline: bool = False, device=None,
-                      on_run: Optional[Callable[[str], None]] = None) -> LayerSensitivity:
+                      on_run: Callable[[str], None] | None = None) -> LayerSensitivity:
     """The same small training run repeated with ``noise`` at each block in turn; per-block accuracies.
 
     For every block index ``i`` (default: every block of the model), ``torch.manual_seed(seed)`` then
@@ -102,9 +103,9 @@ def layer_sensitivity(model_factory: Callable[[], nn.Module], noise, train_data:
         return {o: evaluate_accuracy(m, xte, yte, batch_size=eval_batch_size, ordering=o, seed=seed, device=device)
                 for o in orderings}
 
-    accuracy: Dict[str, List[float]] = {o: [] for o in orderings}
-    final_loss: List[float] = []
-    base: Dict[str, float] = {}
+    accuracy: dict[str, list[float]] = {o: [] for o in orderings}
+    final_loss: list[float] = []
+    base: dict[str, float] = {}
     shared = None  # the single training run of a noise that is off in training
     if baseline or not cfg.train:
         if on_run:

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ._checks import (as_input, check_data, check_labels, check_model, check_noise_guard, model_device_dtype,
-                      positive_int)
+from ._checks import (
+    as_input,
+    check_data,
+    check_labels,
+    check_model,
+    check_noise_guard,
+    model_device_dtype,
+    positive_int,
+)
 from .batch import ordering_batches, predict
 
 __all__ = ["TrainSettings", "train_classifier", "evaluate_accuracy"]
@@ -51,7 +58,7 @@ class TrainSettings:
 
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings = TrainSettings(),
                      *, seed: int = 0, device=None,
-                     on_epoch: Optional[Callable[[int, float], None]] = None) -> List[float]:
+                     on_epoch: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``model`` in place on ``(x, y)`` with cross-entropy; returns the mean loss of every epoch.
 
     The batch order comes from ``torch.Generator().manual_seed(seed)``; the global RNG is seeded with
@@ -64,7 +71,7 @@ def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, setting
     if not isinstance(settings, TrainSettings):
         raise ConfigError(f"settings must be a TrainSettings, got {type(settings).__name__}")
     dev, dtype = model_device_dtype(model, device)
-    losses: List[float] = []
+    losses: list[float] = []
     if settings.epochs == 0:
         model.eval()
         return losses

@@ -17,14 +17,14 @@ interpreter, which is correct but orders of magnitude slow; such a row says so u
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import quality
-from ..config import NoiseConfig
 from .._ext import triton_interpreted
+from ..config import NoiseConfig
 from ..functional import backend_for, noisy_attention
 from .eager import eager_linear_noise
 from .environment import environment
@@ -42,7 +42,7 @@ def _grid(n_patches: int):
     return gh, n_patches // gh
 
 
-def _triton_skip_reason(device: torch.device, backend: str) -> Optional[str]:
+def _triton_skip_reason(device: torch.device, backend: str) -> str | None:
     if backend != "triton" or device.type == "cuda":
         return None
     if triton_interpreted():
@@ -52,7 +52,7 @@ def _triton_skip_reason(device: torch.device, backend: str) -> Optional[str]:
 
 
 def attention_competitors(device: torch.device, dtype: torch.dtype, shape: Sequence[int], kind: str, axis: str,
-                          mode: str, backend: Optional[str] = None, prefix_tokens: int = 1):
+                          mode: str, backend: str | None = None, prefix_tokens: int = 1):
     """``(fns, config, skipped)``: the competitors as zero-argument callables over one set of inputs,
     the row's configuration fields, and ``{competitor: why}`` for those not timed."""
     B, H, N, Dh = shape
@@ -107,8 +107,8 @@ def attention_competitors(device: torch.device, dtype: torch.dtype, shape: Seque
     return fns, cfg, skipped
 
 
-def _row(name: str, config: dict, timings: Dict[str, Timing], baselines: Iterable[str], env: dict,
-         skipped: Dict[str, str]) -> dict:
+def _row(name: str, config: dict, timings: dict[str, Timing], baselines: Iterable[str], env: dict,
+         skipped: dict[str, str]) -> dict:
     comps = {}
     for comp, t in timings.items():
         comps[comp] = {"median_ms": t.median * 1e3, "spread": t.spread, "repeats": len(t.times),
@@ -121,8 +121,8 @@ def _row(name: str, config: dict, timings: Dict[str, Timing], baselines: Iterabl
 
 def bench_attention(device, dtype=torch.float16, shapes: Iterable[Sequence[int]] = DEFAULT_SHAPES, warmup: int = 2,
                     iters: int = 10, *, kinds: Sequence[str] = ("optimal", "shift"), axes: Sequence[str] = ("tokens",),
-                    modes: Sequence[str] = ("forward", "forward+backward"), backend: Optional[str] = None,
-                    prefix_tokens: int = 1) -> List[dict]:
+                    modes: Sequence[str] = ("forward", "forward+backward"), backend: str | None = None,
+                    prefix_tokens: int = 1) -> list[dict]:
     """Time noisy attention against SDPA + eager noise and SDPA alone; one row per shape, kind, axis
     and mode (``forward`` under ``no_grad``, or ``forward+backward``).
 

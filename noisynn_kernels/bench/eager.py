@@ -8,8 +8,6 @@ benchmarks compare against what users run today.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,7 +21,7 @@ __all__ = ["eager_linear_noise", "eager_add_noise_layernorm", "EagerNoiseInjecti
 
 
 def eager_linear_noise(x: torch.Tensor, Q: torch.Tensor, axis: str, prefix_tokens: int = 0,
-                       grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                       grid: tuple[int, int] | None = None) -> torch.Tensor:
     """``X + Q X`` with a dense ``Q``: split the class token, permute the mixed axis last, dense
     product, add, flatten / transpose back, concatenate."""
     if x.dim() == 3:
@@ -65,7 +63,7 @@ class EagerNoiseInjection(NoiseInjection):
 
     def __init__(self, config, prefix_tokens: int = 0, grid=None):
         super().__init__(config, prefix_tokens, grid)
-        self._q: Dict[tuple, torch.Tensor] = {}
+        self._q: dict[tuple, torch.Tensor] = {}
 
     def _quality(self, k: int, like: torch.Tensor) -> torch.Tensor:
         key = (k, like.dtype, like.device)

@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import time
-from typing import Dict
 
 import torch
 
@@ -57,7 +56,7 @@ def malloc_setting() -> str:
     return " ".join(parts) or "default"
 
 
-def environment(device: torch.device) -> Dict[str, str]:
+def environment(device: torch.device) -> dict[str, str]:
     """Versions, device and commit recorded with every result."""
     import timm
 

@@ -4,7 +4,6 @@ time vs size, and on GPU the achieved fraction of the device's copy bandwidth.""
 from __future__ import annotations
 
 import os
-from typing import List
 
 __all__ = ["write_plots"]
 
@@ -12,7 +11,7 @@ _COLORS = {"timm": "#7f7f7f", "eager": "#d62728", "noisynn": "#1f77b4", "layerno
            "compiled": "#ff7f0e", "sdpa": "#9467bd"}
 
 
-def _grouped_bars(ax, groups: List[str], series: dict, ylabel: str) -> None:
+def _grouped_bars(ax, groups: list[str], series: dict, ylabel: str) -> None:
     names = list(series)
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
@@ -25,7 +24,7 @@ def _grouped_bars(ax, groups: List[str], series: dict, ylabel: str) -> None:
     ax.grid(axis="y", alpha=0.3)
 
 
-def write_plots(result: dict, out_dir: str) -> List[str]:
+def write_plots(result: dict, out_dir: str) -> list[str]:
     """Write ``models.png`` (throughput, higher is better), ``ops.png`` (median time, lower is better),
     ``op_sizes.png`` (op time vs size) and, for GPU runs, ``bandwidth.png`` (% of copy bandwidth) for
     the rows present; returns the paths written."""

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from .._progress import Progress
 from ..config import NoiseConfig
 from ..functional import mix_add_layernorm
 from .eager import eager_add_noise_layernorm, make_eager
+
 # MALLOC_ENV, device_name and malloc_setting are imported for the callers that take them from here.
 from .environment import MALLOC_ENV, device_name, environment, malloc_setting  # noqa: F401
 from .timing import Timing, measure_interleaved
@@ -48,12 +49,12 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class BenchOptions:
     """What ``noisynn bench`` runs (the CLI flags map one to one)."""
 
-    models: List[str] = field(default_factory=lambda: ["noisy_vit_tiny_patch16_224", "noisy_resnet18"])
+    models: list[str] = field(default_factory=lambda: ["noisy_vit_tiny_patch16_224", "noisy_resnet18"])
     batch_size: int = 8
     img_size: int = 224
     dtype: str = "float32"
     device: str = "auto"
-    noise: Optional[NoiseConfig] = None
+    noise: NoiseConfig | None = None
     ops: bool = True
     op_shape: tuple = (64, 197, 768)
     op_kinds: tuple = ("optimal", "shift")
@@ -62,10 +63,10 @@ class BenchOptions:
     op_sizes: tuple = (8, 16, 32, 64)
     attention: bool = True
     attn_shape: tuple = (8, 12, 197, 64)
-    backend: Optional[str] = None
+    backend: str | None = None
     compile: bool = False
     channels_last: bool = False
-    amp: Optional[str] = None
+    amp: str | None = None
     warmup: int = 2
     iters: int = 10
     out: str = "bench_out"
@@ -78,8 +79,8 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _row(kind: str, name: str, config: dict, timings: Dict[str, Timing], baselines: List[str], env: dict,
-         items_per_call: Optional[int] = None) -> dict:
+def _row(kind: str, name: str, config: dict, timings: dict[str, Timing], baselines: list[str], env: dict,
+         items_per_call: int | None = None) -> dict:
     comps = {}
     for comp, t in timings.items():
         entry = {"median_ms": t.median * 1e3, "spread": t.spread, "repeats": len(t.times)}
@@ -272,7 +273,7 @@ def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
     return _row("model", f"{name}/{mode}", cfg, timings, baselines, env, items_per_call=B)
 
 
-def _attention_backend_arg(backend: Optional[str]) -> Optional[str]:
+def _attention_backend_arg(backend: str | None) -> str | None:
     # Attention has reference and Triton kernels only: a compiled cpu / cuda choice means the device default.
     return backend if backend in ("reference", "triton") else None
 
@@ -284,7 +285,7 @@ def run(opts: BenchOptions) -> dict:
     env = environment(device)
     if device.type == "cuda":
         env["copy_bandwidth_gbps"] = copy_bandwidth_gbps(device)
-    tasks: List[tuple] = []
+    tasks: list[tuple] = []
     if opts.ops:
         tasks += [("op", k, a, m) for m in opts.modes for k in opts.op_kinds for a in opts.op_axes]
         _, N, D = opts.op_shape

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable
 
 import torch
 
@@ -17,7 +17,7 @@ __all__ = ["Timing", "measure_interleaved"]
 class Timing:
     """Per-call times of one competitor, in seconds."""
 
-    times: List[float]
+    times: list[float]
 
     @property
     def median(self) -> float:
@@ -31,18 +31,18 @@ class Timing:
         q = statistics.quantiles(self.times, n=4)
         return (q[2] - q[0]) / self.median
 
-    def ratio_to(self, baseline: "Timing") -> float:
+    def ratio_to(self, baseline: Timing) -> float:
         """Median over rounds of ``baseline / self``: the speed-up of this competitor over ``baseline``."""
         return statistics.median(b / s for b, s in zip(baseline.times, self.times))
 
 
-def _sync(device: Optional[torch.device]) -> None:
+def _sync(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure_interleaved(fns: Dict[str, Callable[[], object]], *, warmup: int = 2, iters: int = 10,
-                        device: Optional[torch.device] = None) -> Dict[str, Timing]:
+def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, iters: int = 10,
+                        device: torch.device | None = None) -> dict[str, Timing]:
     """Time each callable ``iters`` times, interleaved round-robin (order rotated every round) so that
     machine noise hits all competitors alike; ``warmup`` untimed rounds first."""
     names = list(fns)
@@ -50,7 +50,7 @@ def measure_interleaved(fns: Dict[str, Callable[[], object]], *, warmup: int = 2
         for n in names:
             fns[n]()
     _sync(device)
-    times: Dict[str, List[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(iters):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:

@@ -20,7 +20,6 @@ original exactly.  The noise is read from the model at every call, so ``apply_no
 from __future__ import annotations
 
 import types
-from typing import Optional
 
 import torch
 from torch import nn
@@ -123,7 +122,7 @@ def _fused_blocks_forward(blocks: nn.Sequential, x):
     return res if pending is None else res + pending
 
 
-def swap_fused_ops(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
+def swap_fused_ops(model: nn.Module, backend: str | None = None) -> nn.Module:
     """Run every residual add + LayerNorm pair of a timm ViT-family model through the fused
     ``mix_add_layernorm`` (noise site or not), in place; returns the model.
 

@@ -17,7 +17,7 @@ Supported families:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 from torch import nn
 
@@ -36,7 +36,7 @@ _STATE_ATTR = "_noisynn_state"  # bookkeeping on the model root
 class _NoisynnState:
     config: NoiseConfig
     site: nn.Module
-    handles: List[Any] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
 
 
 def model_family(model: nn.Module) -> str:
@@ -55,7 +55,7 @@ def model_family(model: nn.Module) -> str:
         "(.stages with .blocks)")
 
 
-def model_blocks(model: nn.Module) -> List[nn.Module]:
+def model_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's residual blocks in forward order (what ``NoiseConfig.layer`` indexes)."""
     family = model_family(model)
     if family == "vit":
@@ -65,7 +65,7 @@ def model_blocks(model: nn.Module) -> List[nn.Module]:
     return [b for s in model.stages for b in s.blocks]
 
 
-def _vit_geometry(model: nn.Module) -> Tuple[int, Optional[Tuple[int, int]]]:
+def _vit_geometry(model: nn.Module) -> tuple[int, tuple[int, int] | None]:
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:
         prefix = 1 if getattr(model, "cls_token", None) is not None else 0
@@ -164,19 +164,19 @@ def remove_noisynn(model: nn.Module) -> nn.Module:
     return model
 
 
-def noise_config(model: nn.Module) -> Optional[NoiseConfig]:
+def noise_config(model: nn.Module) -> NoiseConfig | None:
     """The NoiseConfig applied to ``model``, or ``None`` for a model without noise."""
     state = getattr(model, _STATE_ATTR, None)
     return None if state is None else state.config
 
 
-def site_noise(module: nn.Module) -> Optional[nn.Module]:
+def site_noise(module: nn.Module) -> nn.Module | None:
     """The noise module attached to ``module`` by :func:`apply_noisynn` (``module`` being the noise
     site: a block, a norm, an attention's ``.norm`` or the model), or ``None``."""
     return module._modules.get(_SITE_ATTR)
 
 
-def noise_module(model: nn.Module) -> Optional[nn.Module]:
+def noise_module(model: nn.Module) -> nn.Module | None:
     """The noise module that :func:`apply_noisynn` attached somewhere in ``model``, or ``None``."""
     state = getattr(model, _STATE_ATTR, None)
     return None if state is None else site_noise(state.site)

@@ -10,7 +10,7 @@ the model with no noise site.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 from timm.models import generate_default_cfgs, get_arch_pretrained_cfgs, register_model
 
@@ -19,7 +19,7 @@ from .patch import apply_noisynn
 __all__ = ["NOISY_MODELS", "base_model_name"]
 
 #: Registered noisy model name -> the timm architecture it wraps.
-NOISY_MODELS: Dict[str, str] = {
+NOISY_MODELS: dict[str, str] = {
     **{f"noisy_vit_{size}_patch16_{res}": f"vit_{size}_patch16_{res}"
        for size in ("tiny", "small", "base", "large") for res in (224, 384)},
     **{f"noisy_resnet{depth}": f"resnet{depth}" for depth in (18, 34, 50, 101)},
@@ -31,7 +31,7 @@ def base_model_name(name: str) -> str:
     return NOISY_MODELS[name.split(".", 1)[0]]
 
 
-def _default_cfgs() -> Dict[str, Any]:
+def _default_cfgs() -> dict[str, Any]:
     # Mirror every pretrained cfg of the base architecture, in timm's order (its default first), so
     # `noisy_vit_base_patch16_224.augreg_in21k` and data-config lookups behave as for the base name.
     cfgs = {}

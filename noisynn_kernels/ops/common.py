@@ -4,7 +4,7 @@ the autocast rule."""
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -23,12 +23,12 @@ class MixArgs(NamedTuple):
     kind: int
     axis: int
     alpha: float
-    mix_matrix: Optional[Tensor]
+    mix_matrix: Tensor | None
     prefix_tokens: int
     grid_w: int
 
 
-def dense_mix_matrix(spec: MixSpec, device: torch.device) -> Optional[Tensor]:
+def dense_mix_matrix(spec: MixSpec, device: torch.device) -> Tensor | None:
     """The fp32 ``K x K`` matrix ``M = I + Q`` a ``dense`` config passes to the ops (``None`` for the
     other kinds).  Raises :class:`ConfigError` for a ``Q`` that requires grad (the fused ops treat it as
     a constant) and, in eager mode, for entries that overflow fp32."""

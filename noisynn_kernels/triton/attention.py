@@ -66,7 +66,7 @@ def _tile(head, rows, offs_d, sn):
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, O, LSE, PART,
+    Q, K, V, O, LSE, PART,  # noqa: E741 (O: the attention output, as in the papers)
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     H, N, P, GW, DH, qk_scale, n_tiles,
     PARTIAL: tl.constexpr, GW_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -176,7 +176,7 @@ def group_sum_kernel(
 
 @triton.jit
 def mix_kernel(
-    SRC, OUT, O, DELTA, MIX, COLSUM,
+    SRC, OUT, O, DELTA, MIX, COLSUM,  # noqa: E741 (O: the attention output)
     ssb, ssh, ssn, sob, soh, son, s_ob, s_oh, s_on,
     H, N, P, K, GW, DH, alpha, shift_off,
     KIND: tl.constexpr, AXIS: tl.constexpr, STORE_OUT: tl.constexpr, WITH_DELTA: tl.constexpr,

@@ -34,8 +34,6 @@ already checked by :func:`noisynn_kernels._validate.check_mix_add_layernorm` and
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 from torch import Tensor
 
 from ... import quality, reference
@@ -46,8 +44,8 @@ from . import cpp
 __all__ = ["LAUNCHERS", "launch_reference", "launch_triton"]
 
 
-def launch_reference(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                     eps: float, spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+def launch_reference(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                     eps: float, spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``reference`` backend: :func:`noisynn_kernels.reference.mix_add_layernorm` (PyTorch ops) on
     checked arguments, autocast off so outputs keep ``x``'s dtype as on the fused backends."""
     cfg = spec.cfg
@@ -58,8 +56,8 @@ def launch_reference(x: Tensor, residual: Optional[Tensor], weight: Optional[Ten
                                            mix_after_norm=mix_after_norm, straight_through=cfg.straight_through)
 
 
-def launch_triton(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                  eps: float, spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+def launch_triton(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
+                  eps: float, spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``triton`` backend (:func:`.triton.launch`); Triton is imported on first use, so that
     ``TRITON_INTERPRET`` can still be chosen before then."""
     from .triton import launch

@@ -14,7 +14,7 @@ writes into a gradient it was handed; it copies where it must accumulate).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -78,8 +78,8 @@ def make_backward(bwd_op: Callable) -> Callable:
     return backward
 
 
-def run_fwd(fwd_op: Callable, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-            bias: Optional[Tensor], eps: float, spec: MixSpec, mix_after_norm: bool):
+def run_fwd(fwd_op: Callable, x: Tensor, residual: Tensor | None, weight: Tensor | None,
+            bias: Tensor | None, eps: float, spec: MixSpec, mix_after_norm: bool):
     """Call a ``mix_add_layernorm_fwd*`` op with the schema arguments of a checked ``spec``:
     ``(normed, residual_out)``."""
     normed, residual_out, _, _ = fwd_op(x, residual, weight, bias, float(eps), *mix_args(spec, x.device),

@@ -15,8 +15,6 @@ extension built without it: ``available('cuda')`` is then ``False``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
@@ -52,8 +50,8 @@ if _registered():
                                     setup_context=setup_context)
 
 
-def _launch(device_type: str, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-            bias: Optional[Tensor], eps: float, spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+def _launch(device_type: str, x: Tensor, residual: Tensor | None, weight: Tensor | None,
+            bias: Tensor | None, eps: float, spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     if not available(device_type):
         raise BackendUnavailableError(
             f"the {device_type} mix_add_layernorm needs the compiled extension noisynn_kernels._C with the "
@@ -67,13 +65,13 @@ def _launch(device_type: str, x: Tensor, residual: Optional[Tensor], weight: Opt
     return run_fwd(torch.ops.noisynn.mix_add_layernorm_fwd_cpp, x, residual, weight, bias, eps, spec, mix_after_norm)
 
 
-def launch_cpu(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-               spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+def launch_cpu(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+               spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``cpu`` backend: the C++ CPU kernels on checked arguments; ``(normed, residual_out)``."""
     return _launch("cpu", x, residual, weight, bias, eps, spec, mix_after_norm)
 
 
-def launch_cuda(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                spec: MixSpec, mix_after_norm: bool) -> Tuple[Tensor, Tensor]:
+def launch_cuda(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+                spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``cuda`` backend: the CUDA C++ kernels on checked arguments; ``(normed, residual_out)``."""
     return _launch("cuda", x, residual, weight, bias, eps, spec, mix_after_norm)

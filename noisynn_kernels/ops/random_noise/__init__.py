@@ -17,8 +17,6 @@ arguments checked by :mod:`noisynn_kernels.functional`.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ... import reference
@@ -26,22 +24,22 @@ from ... import reference
 __all__ = ["LAUNCHERS", "GAUSSIAN", "SALT_AND_PEPPER"]
 
 
-def _generator(x: torch.Tensor, generator: Optional[torch.Generator], seed: Optional[int]):
+def _generator(x: torch.Tensor, generator: torch.Generator | None, seed: int | None):
     if seed is None:
         return generator
     return torch.Generator(device=x.device).manual_seed(seed)
 
 
 def gaussian_reference(x: torch.Tensor, *, std: float, mean: float, strength: float, prefix_tokens: int,
-                       generator: Optional[torch.Generator], seed: Optional[int]) -> torch.Tensor:
+                       generator: torch.Generator | None, seed: int | None) -> torch.Tensor:
     """The ``reference`` Gaussian noise (``seed``: a fresh generator seeded with it)."""
     return reference.gaussian_noise(x, std=std, mean=mean, strength=strength, prefix_tokens=prefix_tokens,
                                     generator=_generator(x, generator, seed))
 
 
-def salt_and_pepper_reference(x: torch.Tensor, p: float, *, low: Optional[float], high: Optional[float],
-                              prefix_tokens: int, generator: Optional[torch.Generator],
-                              seed: Optional[int]) -> torch.Tensor:
+def salt_and_pepper_reference(x: torch.Tensor, p: float, *, low: float | None, high: float | None,
+                              prefix_tokens: int, generator: torch.Generator | None,
+                              seed: int | None) -> torch.Tensor:
     """The ``reference`` salt-and-pepper noise (``seed``: a fresh generator seeded with it)."""
     return reference.salt_and_pepper_noise(x, p, low=low, high=high, prefix_tokens=prefix_tokens,
                                            generator=_generator(x, generator, seed))
