@@ -65,6 +65,20 @@ def test_interleaved_timing_orders_and_ratios():
     assert t["a"].ratio_to(t["a"]) == 1.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_timing_uses_events_and_sees_kernel_time():
+    """On CUDA a call's time is its CUDA-event time with the L2 flushed: a large copy takes longer than
+    an empty call, and a copy twice the size takes about twice as long (kernel time, not launch time)."""
+    dev = torch.device("cuda")
+    a, b = torch.empty(1 << 26, device=dev), torch.empty(1 << 26, device=dev)
+    a2, b2 = torch.empty(1 << 27, device=dev), torch.empty(1 << 27, device=dev)
+    t = measure_interleaved({"empty": lambda: None, "copy": lambda: b.copy_(a), "copy2": lambda: b2.copy_(a2)},
+                            warmup=2, iters=10, device=dev)
+    assert t["empty"].median < t["copy"].median / 5
+    assert 1.6 < t["copy2"].median / t["copy"].median < 2.4
+
+
 def test_cli_bench_runs_and_writes_results(tmp_path, capsys):
     rc = main(["bench", "--models", "noisy_vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2",
                "--op-shape", "2", "17", "16", "--attn-shape", "2", "2", "17", "16", "--warmup", "0", "--iters", "2",

@@ -30,6 +30,9 @@ def device_name(device: torch.device) -> str:
 
 
 def _git_commit() -> str:
+    # A copy of the tree without its .git (e.g. shipped to a GPU machine) names its commit in NOISYNN_COMMIT.
+    if os.environ.get("NOISYNN_COMMIT"):
+        return os.environ["NOISYNN_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,

@@ -263,8 +263,9 @@ def _model_bench(opts: BenchOptions, device, dtype, name, mode, env) -> dict:
         if comp == "compiled":
             fn()  # compile now, outside the timed rounds
         fns[comp] = fn
+    # A model step is many kernels reading their own recent outputs: no L2 flush between calls.
     timings = measure_interleaved(fns, warmup=max(1, opts.warmup // 2), iters=max(3, opts.iters // 2),
-                                  device=device)
+                                  device=device, flush_l2=False)
     cfg = {"model": name, "mode": mode, "batch_size": B, "img_size": opts.img_size,
            "dtype": str(dtype).replace("torch.", ""), "amp": opts.amp, "channels_last": opts.channels_last,
            "backend": backend if "vit" in name else "reference",
