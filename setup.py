@@ -13,8 +13,9 @@ Environment:
     NOISYNN_BUILD_CUDA     auto (default): build the CUDA kernels when nvcc and a CUDA build of torch
                            are both present; 1: require them (the build fails, saying what is missing);
                            0: CPU kernels only.  Any other value is an error.
-    TORCH_CUDA_ARCH_LIST   GPU architectures of the CUDA kernels (default "8.0;9.0"; e.g. "9.0" builds
-                           for H100 only, about half the CUDA compile time).
+    TORCH_CUDA_ARCH_LIST   GPU architectures of the CUDA kernels (default "8.0;9.0+PTX"; PTX for the highest
+                           one is added when absent; e.g. "9.0" builds for H100 and newer, about half the
+                           CUDA compile time).
     CUDA_HOME              the CUDA toolkit (default: the toolkit of the nvcc on PATH, else /usr/local/cuda).
     MAX_JOBS               parallel compile jobs (ninja), as torch.utils.cpp_extension reads it.
     NOISYNN_DEBUG=1        build with -O0 -g.
@@ -36,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: Values of NOISYNN_BUILD_CUDA.
 BUILD_CUDA_MODES = ("auto", "0", "1")
 #: TORCH_CUDA_ARCH_LIST when it is unset: A100 and H100 class GPUs.
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 CPU_SOURCES = (("csrc", "extension.cpp"), ("csrc", "ops.cpp"), ("csrc", "cpu", "mix_add_layernorm.cpp"),
                ("csrc", "cpu", "kernels_default.cpp"), ("csrc", "cpu", "kernels_avx2.cpp"))
@@ -61,9 +62,19 @@ def cuda_build_mode(value):
 
 
 def cuda_arch_list(environ):
-    """TORCH_CUDA_ARCH_LIST from ``environ``, or :data:`DEFAULT_CUDA_ARCH_LIST` when unset or empty."""
-    value = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
-    return value or DEFAULT_CUDA_ARCH_LIST
+    """TORCH_CUDA_ARCH_LIST from ``environ``, or :data:`DEFAULT_CUDA_ARCH_LIST` when unset or empty, with
+    PTX for its highest architecture when no entry has any: a GPU newer than the build (say sm_100 for
+    a 9.0 build) then JIT-compiles the kernels instead of failing every launch."""
+    value = environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or DEFAULT_CUDA_ARCH_LIST
+    if "+PTX" in value.upper():
+        return value
+    archs = value.replace(";", " ").split()
+    try:
+        top = max(archs, key=lambda a: tuple(int(p) for p in a.split(".")))
+    except ValueError:  # a name torch understands ("Hopper", "9.0a"): leave it to torch as given
+        return value
+    sep = ";" if ";" in value else " "
+    return sep.join(a + "+PTX" if a == top else a for a in archs)
 
 
 def find_cuda_home(environ, which=shutil.which, exists=os.path.exists):

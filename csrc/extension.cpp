@@ -65,4 +65,18 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "noisynn_kernels compiled extension";
   m.def("build_info", &noisynn::build_info, "What this build of the extension contains.");
+#if defined(WITH_CUDA)
+  m.def(
+      "cuda_kernel_image",
+      [] {
+        const auto image = noisynn::cuda::kernel_image();
+        pybind11::dict d;
+        d["loadable"] = image.loadable;
+        d["binary_version"] = image.binary_version;
+        d["ptx_version"] = image.ptx_version;
+        d["error"] = image.error;
+        return d;
+      },
+      "Whether the CUDA kernels can run on the current GPU (creates the CUDA context).");
+#endif
 }

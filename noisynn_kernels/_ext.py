@@ -15,7 +15,7 @@ from typing import Any
 from .errors import BackendUnavailableError
 
 __all__ = ["extension", "extension_error", "backend_info", "BACKENDS", "requested_backend", "select_backend",
-           "backend_status", "triton_interpreted"]
+           "backend_status", "triton_interpreted", "cuda_kernel_image"]
 
 #: Every backend name the package knows.  Which ones exist in this installation: backend_info().
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -90,6 +90,30 @@ def _triton_status() -> dict[str, Any]:
     return {"available": True, "version": triton.__version__, "interpreter": triton_interpreted()}
 
 
+_cuda_image: dict[str, Any] = {}
+
+
+def cuda_kernel_image() -> dict[str, Any] | None:
+    """Whether the compiled CUDA kernels can run on the current GPU (``loadable``, the ``binary_version``
+    and ``ptx_version`` of the image loaded, or the CUDA ``error``, and the GPU's
+    ``device_capability``); ``None`` without CUDA kernels or a GPU.  Asked once per process (it
+    creates the CUDA context) and never first inside a ``torch.compile``'d region, where the kernels
+    are taken as loadable."""
+    _load()
+    if not _cuda_image:
+        if _ext is None or not hasattr(_ext, "cuda_kernel_image"):
+            return None
+        import torch
+
+        if torch.compiler.is_compiling() or not torch.cuda.is_available():
+            return None
+        image = dict(_ext.cuda_kernel_image())
+        major, minor = torch.cuda.get_device_capability()
+        image["device_capability"] = f"{major}.{minor}"
+        _cuda_image.update(image)
+    return _cuda_image
+
+
 def backend_status(name: str, device_type: str) -> str | None:
     """``None`` when backend ``name`` can run ops on ``device_type`` here, else the reason it cannot."""
     if name == "reference":
@@ -115,6 +139,13 @@ def backend_status(name: str, device_type: str) -> str | None:
             how = ("it was built without CUDA (NOISYNN_BUILD_CUDA=0, or no nvcc / CUDA torch at build time)"
                    if name == "cuda" else "it was built without them")
             return f"the compiled extension has no {name} kernels: {how}"
+        if name == "cuda":
+            image = cuda_kernel_image()
+            if image is not None and not image["loadable"]:
+                cap = image["device_capability"]
+                return (f"the CUDA kernels were compiled for {_build_info.get('cuda_arch_list')} with no code this "
+                        f"GPU (compute capability {cap}) can run ({image['error']}); rebuild with "
+                        f"TORCH_CUDA_ARCH_LIST={cap} (or a list with +PTX of an older architecture)")
         return None
     raise BackendUnavailableError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
@@ -183,6 +214,9 @@ def backend_info() -> dict[str, Any]:
         info["extension"]["why"] = extension_error()
     else:
         info["extension"].update(_build_info)
+        image = cuda_kernel_image()
+        if image is not None:
+            info["extension"]["cuda_device"] = dict(image)
     return info
 
 

@@ -62,10 +62,14 @@ def test_setup_script_fails_loudly_on_a_bad_mode():
 
 
 def test_cuda_arch_list_default(setup_py):
-    assert setup_py.cuda_arch_list({}) == "8.0;9.0" == setup_py.DEFAULT_CUDA_ARCH_LIST
-    assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": " "}) == "8.0;9.0"
-    assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "9.0"}) == "9.0"
+    # PTX of the highest architecture is always in: a newer GPU JIT-compiles it instead of failing
+    assert setup_py.cuda_arch_list({}) == "8.0;9.0+PTX" == setup_py.DEFAULT_CUDA_ARCH_LIST
+    assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": " "}) == "8.0;9.0+PTX"
+    assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "9.0"}) == "9.0+PTX"
+    assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "9.0;8.0"}) == "9.0+PTX;8.0"
+    assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.0 8.6 12.0"}) == "8.0 8.6 12.0+PTX"
     assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "8.0 8.6+PTX"}) == "8.0 8.6+PTX"
+    assert setup_py.cuda_arch_list({"TORCH_CUDA_ARCH_LIST": "9.0a"}) == "9.0a"  # torch's own names: as given
 
 
 def test_decide_cuda(setup_py):
@@ -171,6 +175,35 @@ def _pretend_built(monkeypatch, **info):
     monkeypatch.setattr(_ext, "_ext", _FakeExtension(**info))
     if hasattr(_ext, "_build_info"):  # the cached copy of build_info()
         monkeypatch.setattr(_ext, "_build_info", dict(info))
+
+
+def test_a_gpu_the_build_cannot_run_on_is_reported(monkeypatch):
+    """A CUDA build without code for this GPU (say a 9.0 build without PTX on an sm_120 GPU): the cuda
+    backend says why and how to rebuild, is not chosen automatically, and backend_info shows it."""
+    _pretend_built(monkeypatch, cpu_kernels=["mix_add_layernorm"], cuda_kernels=["mix_add_layernorm"], cuda=True,
+                   cuda_arch_list="9.0", cuda_version="13.0")
+    monkeypatch.setattr(_ext, "_cuda_image", {"loadable": False, "binary_version": 0, "ptx_version": 0,
+                                              "error": "no kernel image is available for execution on the device",
+                                              "device_capability": "12.0"})
+    why = backend_status("cuda", "cuda")
+    assert "compiled for 9.0" in why and "compute capability 12.0" in why and "TORCH_CUDA_ARCH_LIST=12.0" in why
+    monkeypatch.delenv("NOISYNN_BACKEND", raising=False)
+    assert _ext.select_backend("cuda", supported=("reference", "cuda")) == "reference"
+    with pytest.raises(BackendUnavailableError, match="compute capability 12.0"):
+        _ext.select_backend("cuda", "cuda")
+    monkeypatch.setattr(_ext, "_cuda_image", {"loadable": True, "binary_version": 90, "ptx_version": 90,
+                                              "error": "", "device_capability": "9.0"})
+    assert backend_status("cuda", "cuda") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cuda_kernels_load_on_this_gpu():
+    image = _ext.cuda_kernel_image()
+    if not cpp_op.available("cuda") and image is None:
+        pytest.skip("the extension was built without CUDA kernels")
+    assert image["loadable"], image
+    assert "cuda_device" in _ext.backend_info()["extension"]
 
 
 def test_backend_status_cuda_says_why(monkeypatch):

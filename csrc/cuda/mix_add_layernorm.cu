@@ -847,6 +847,18 @@ std::string compiled_arch_list() {
   return out;
 }
 
+KernelImage kernel_image() {
+  // Loading a kernel's attributes loads the module for the current device: it fails with "no kernel
+  // image is available" when neither a cubin for this architecture nor PTX to JIT from was compiled.
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, sum_partials_kernel);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky-free error so later CUDA calls are unaffected
+    return {false, 0, 0, cudaGetErrorString(err)};
+  }
+  return {true, attr.binaryVersion, attr.ptxVersion, ""};
+}
+
 std::string compiled_cuda_version() {
   return std::to_string(CUDART_VERSION / 1000) + "." + std::to_string((CUDART_VERSION % 1000) / 10);
 }
