@@ -30,7 +30,7 @@ from .errors import ConfigError, QualityMatrixError
 from .ops import mix_add_layernorm as _mix_add_layernorm_op
 from .ops import noisy_attention as _noisy_attention_op
 from .ops import random_noise as _random_noise_op
-from .ops.common import autocast_off
+from .ops.common import autocast_cast, autocast_off
 
 __all__ = [
     "AXES",
@@ -208,7 +208,8 @@ def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mix=No
     scale=scale)``.  Full semantics: :mod:`noisynn_kernels.ops.noisy_attention`.
 
     Args:
-        q, k, v: ``(B, H, N, Dh)`` tensors of one shape, dtype and device (any strides).
+        q, k, v: ``(B, H, N, Dh)`` tensors of one shape, dtype and device (any strides); under autocast
+            they are first cast as autocast casts the inputs of ``F.scaled_dot_product_attention``.
         mix: a linear :class:`~noisynn_kernels.NoiseConfig` (``identity``, ``shift``, ``optimal``,
             ``dense`` with its ``axis``, ``alpha``, ``matrix``, ``straight_through``), a dict of its
             fields, a kind name, or ``None``.  Its ``train``/``eval`` switches are the caller's business.
@@ -230,5 +231,6 @@ def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mix=No
         what was expected.
     """
     name = backend_for("noisy_attention", _device_type(q), backend)
+    q, k, v = autocast_cast(q, k, v)  # under autocast, as SDPA: e.g. fp32 q / k (qk_norm) with fp16 v
     spec, scale = check_noisy_attention(q, k, v, mix, scale, prefix_tokens, grid)
     return _noisy_attention_op.LAUNCHERS[name](q, k, v, scale, spec)

@@ -79,8 +79,8 @@ def attn_fwd_kernel(
     tile's patch rows of ``O``; 2 (rows) ``PART[(b*H + h), tile, c, :]`` = sum of the tile's patch rows
     in grid column ``c`` (a one-hot ``GW_PAD x BLOCK_M`` product).  fp32, from the unrounded ``O``.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch x heads on axis 0 (up to 2^31 - 1; axes 1 and 2 stop at 65535)
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,8 +188,8 @@ def mix_kernel(
     ``(i + shift_off) mod K`` (``K - 1`` forward, ``1`` backward).  ``WITH_DELTA``: also store
     ``DELTA[(b*H + h)*N + n] = sum_d OUT * O`` (fp32; ``OUT`` as rounded to its dtype).
     ``STORE_OUT=False`` with ``KIND=IDENTITY`` computes ``delta`` only (``dO = dY``)."""
-    pid_r = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_r = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     n = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -264,8 +264,8 @@ def attn_bwd_dkdv_kernel(
     """``dK``, ``dV`` of one ``BLOCK_N`` key tile of one ``(b, h)``, looping over every query tile
     (``P^T`` recomputed from ``LSE``): ``dV = P^T dO``, ``dK = scale * dS^T q`` with
     ``dS = P * (dO v^T - delta)``.  ``DK``/``DV`` share the strides ``sg*``."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -309,8 +309,8 @@ def attn_bwd_dq_kernel(
 ):
     """``dQ = scale * dS k`` of one ``BLOCK_M`` query tile of one ``(b, h)``, looping over every key
     tile (``P`` recomputed from ``LSE``).  ``DQ`` has the strides ``sg*``."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)  # batch x heads on axis 0 (up to 2^31 - 1; axes 1 and 2 stop at 65535)
+    pid_m = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

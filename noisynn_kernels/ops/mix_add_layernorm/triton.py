@@ -25,6 +25,7 @@ from ..._op_codes import AXIS_CODES, KIND_CODES
 from ..._validate import MixSpec
 from ...errors import BackendUnavailableError, ShapeError
 from ...triton import mix_layernorm as kernels
+from ..common import device_guard
 from .common import bwd_fake, fwd_fake, make_backward, run_fwd, setup_context
 
 __all__ = ["launch", "mix_add_layernorm_fwd", "mix_add_layernorm_bwd", "INTERPRETED", "SUPPORTED_DTYPES"]
@@ -89,41 +90,44 @@ def mix_add_layernorm_fwd(
     """``(normed, residual_out, mean, rstd)`` for ``(B, N, D)`` inputs; ``mean``/``rstd`` are the fp32
     statistics of the LayerNorm input, one per row of ``B * N``.  ``mix_matrix`` is the ``K x K``
     mixing matrix ``M = I + Q`` (``dense`` only).  ``straight_through`` only changes the backward."""
-    B, N, D = x.shape
-    n_rows = B * N
-    x = x.contiguous()
-    has_residual, has_weight, has_bias = residual is not None, weight is not None, bias is not None
-    res = residual.contiguous() if has_residual else x
-    w = weight.contiguous() if has_weight else x
-    b = bias.contiguous() if has_bias else x
-    normed = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    residual_out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
-    mean = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
-    K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
-    block_d = triton.next_power_of_2(D)
-    num_warps = _num_warps(block_d)
+    with device_guard(x):
+        B, N, D = x.shape
+        n_rows = B * N
+        x = x.contiguous()
+        has_residual, has_weight, has_bias = residual is not None, weight is not None, bias is not None
+        res = residual.contiguous() if has_residual else x
+        w = weight.contiguous() if has_weight else x
+        b = bias.contiguous() if has_bias else x
+        normed = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+        residual_out = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+        mean = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+        rstd = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
+        if n_rows == 0 or D == 0:  # nothing to launch (an empty grid is not a valid launch)
+            return normed, residual_out, mean, rstd
+        K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
+        block_d = triton.next_power_of_2(D)
+        num_warps = _num_warps(block_d)
 
-    # Placeholder pointers for unused arguments are inputs the kernel never writes (a written output
-    # passed twice would look aliased to torch.compile's mutation analysis).
-    colsum = x  # placeholder: read only when kind == optimal
-    if kind == KIND_CODES["optimal"]:
-        colsum = torch.empty((groups, D), dtype=torch.float32, device=x.device)
-        src = kernels.SRC_NORM.value if mix_after_norm else kernels.SRC_SUM.value
-        wrap_triton(kernels.group_sum_kernel)[(groups,)](
-            colsum, x, res, w, b, x, x, x, N, prefix_tokens, K, step, D, eps,
-            AXIS=axis, SRC=src, HAS_RES=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-            BLOCK_D=block_d, num_warps=num_warps)
-    mix = x  # placeholder: read only when kind == dense
-    if kind == KIND_CODES["dense"]:
-        mix = mix_matrix.to(device=x.device, dtype=torch.float32).contiguous()
+        # Placeholder pointers for unused arguments are inputs the kernel never writes (a written output
+        # passed twice would look aliased to torch.compile's mutation analysis).
+        colsum = x  # placeholder: read only when kind == optimal
+        if kind == KIND_CODES["optimal"]:
+            colsum = torch.empty((groups, D), dtype=torch.float32, device=x.device)
+            src = kernels.SRC_NORM.value if mix_after_norm else kernels.SRC_SUM.value
+            wrap_triton(kernels.group_sum_kernel)[(groups,)](
+                colsum, x, res, w, b, x, x, x, N, prefix_tokens, K, step, D, eps,
+                AXIS=axis, SRC=src, HAS_RES=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+                BLOCK_D=block_d, num_warps=num_warps)
+        mix = x  # placeholder: read only when kind == dense
+        if kind == KIND_CODES["dense"]:
+            mix = mix_matrix.to(device=x.device, dtype=torch.float32).contiguous()
 
-    wrap_triton(kernels.mix_add_layernorm_fwd_kernel)[(n_rows,)](
-        x, res, w, b, normed, residual_out, mean, rstd, mix, colsum,
-        n_rows, N, prefix_tokens, K, step, D, eps, alpha, K - 1, 1,
-        KIND=kind, AXIS=axis, HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-        MIX_AFTER_NORM=mix_after_norm, BLOCK_D=block_d, num_warps=num_warps)
-    return normed, residual_out, mean, rstd
+        wrap_triton(kernels.mix_add_layernorm_fwd_kernel)[(n_rows,)](
+            x, res, w, b, normed, residual_out, mean, rstd, mix, colsum,
+            n_rows, N, prefix_tokens, K, step, D, eps, alpha, K - 1, 1,
+            KIND=kind, AXIS=axis, HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+            MIX_AFTER_NORM=mix_after_norm, BLOCK_D=block_d, num_warps=num_warps)
+        return normed, residual_out, mean, rstd
 
 
 mix_add_layernorm_fwd.register_fake(fwd_fake)
@@ -151,45 +155,49 @@ def mix_add_layernorm_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx, dweight, dbias)``: ``dx`` (also the gradient of ``residual``) in ``residual_out``'s dtype,
     ``dweight``/``dbias`` fp32 of shape ``(D,)`` (computed whether or not the forward had them)."""
-    B, N, D = residual_out.shape
-    n_rows = B * N
-    device = residual_out.device
-    r = residual_out.contiguous()
-    dy = d_normed.contiguous()
-    has_dres, has_weight = d_residual_out is not None, weight is not None
-    dres = d_residual_out.contiguous() if has_dres else dy
-    w = weight.contiguous() if has_weight else dy
-    dx = torch.empty((B, N, D), dtype=residual_out.dtype, device=device)
-    K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
-    block_d = triton.next_power_of_2(D)
-    num_warps = _num_warps(block_d)
+    with device_guard(residual_out):
+        B, N, D = residual_out.shape
+        n_rows = B * N
+        device = residual_out.device
+        r = residual_out.contiguous()
+        dy = d_normed.contiguous()
+        has_dres, has_weight = d_residual_out is not None, weight is not None
+        dres = d_residual_out.contiguous() if has_dres else dy
+        w = weight.contiguous() if has_weight else dy
+        dx = torch.empty((B, N, D), dtype=residual_out.dtype, device=device)
+        if n_rows == 0 or D == 0:  # no rows: dweight / dbias are sums over nothing (the grid split below needs rows)
+            zeros = torch.zeros((D,), dtype=torch.float32, device=device)
+            return dx, zeros, zeros.clone()
+        K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
+        block_d = triton.next_power_of_2(D)
+        num_warps = _num_warps(block_d)
 
-    colsum = dy  # placeholder (never written): read only when kind == optimal (M is symmetric)
-    if kind == KIND_CODES["optimal"]:
-        colsum = torch.empty((groups, D), dtype=torch.float32, device=device)
-        if mix_after_norm:
-            src, src_has_res = kernels.SRC_GRAD.value, False
-        else:
-            src, src_has_res = kernels.SRC_LN_GRAD.value, has_dres
-        wrap_triton(kernels.group_sum_kernel)[(groups,)](
-            colsum, dy, dres, w, w, r, mean, rstd, N, prefix_tokens, K, step, D, 0.0,
-            AXIS=axis, SRC=src, HAS_RES=src_has_res, HAS_WEIGHT=has_weight, HAS_BIAS=False,
+        colsum = dy  # placeholder (never written): read only when kind == optimal (M is symmetric)
+        if kind == KIND_CODES["optimal"]:
+            colsum = torch.empty((groups, D), dtype=torch.float32, device=device)
+            if mix_after_norm:
+                src, src_has_res = kernels.SRC_GRAD.value, False
+            else:
+                src, src_has_res = kernels.SRC_LN_GRAD.value, has_dres
+            wrap_triton(kernels.group_sum_kernel)[(groups,)](
+                colsum, dy, dres, w, w, r, mean, rstd, N, prefix_tokens, K, step, D, 0.0,
+                AXIS=axis, SRC=src, HAS_RES=src_has_res, HAS_WEIGHT=has_weight, HAS_BIAS=False,
+                BLOCK_D=block_d, num_warps=num_warps)
+        mix_t = dy  # placeholder (never written): read only when kind == dense
+        if kind == KIND_CODES["dense"]:
+            mix_t = mix_matrix.to(device=device, dtype=torch.float32).t().contiguous()
+
+        n_programs = _backward_programs(device, n_rows)
+        rows_per_program = triton.cdiv(n_rows, n_programs)
+        n_programs = triton.cdiv(n_rows, rows_per_program)
+        dw_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
+        db_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
+        wrap_triton(kernels.mix_add_layernorm_bwd_kernel)[(n_programs,)](
+            dy, dres, r, w, mean, rstd, dx, dw_part, db_part, mix_t, colsum,
+            n_rows, N, prefix_tokens, K, step, D, alpha, 1, rows_per_program,
+            KIND=kind, AXIS=axis, HAS_DRES=has_dres, HAS_WEIGHT=has_weight, MIX_AFTER_NORM=mix_after_norm,
             BLOCK_D=block_d, num_warps=num_warps)
-    mix_t = dy  # placeholder (never written): read only when kind == dense
-    if kind == KIND_CODES["dense"]:
-        mix_t = mix_matrix.to(device=device, dtype=torch.float32).t().contiguous()
-
-    n_programs = _backward_programs(device, n_rows)
-    rows_per_program = triton.cdiv(n_rows, n_programs)
-    n_programs = triton.cdiv(n_rows, rows_per_program)
-    dw_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
-    db_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
-    wrap_triton(kernels.mix_add_layernorm_bwd_kernel)[(n_programs,)](
-        dy, dres, r, w, mean, rstd, dx, dw_part, db_part, mix_t, colsum,
-        n_rows, N, prefix_tokens, K, step, D, alpha, 1, rows_per_program,
-        KIND=kind, AXIS=axis, HAS_DRES=has_dres, HAS_WEIGHT=has_weight, MIX_AFTER_NORM=mix_after_norm,
-        BLOCK_D=block_d, num_warps=num_warps)
-    return dx, dw_part.sum(dim=0), db_part.sum(dim=0)
+        return dx, dw_part.sum(dim=0), db_part.sum(dim=0)
 
 
 mix_add_layernorm_bwd.register_fake(bwd_fake)

@@ -43,7 +43,7 @@ from ..._op_codes import AXIS_CODES, KIND_CODES
 from ..._validate import MixSpec
 from ...errors import BackendUnavailableError, ShapeError
 from ...triton import attention as kernels
-from ..common import mix_args
+from ..common import device_guard, mix_args
 
 __all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "MAX_HEAD_DIM", "INTERPRETED", "SUPPORTED_DTYPES"]
 
@@ -91,6 +91,19 @@ def _groups(B: int, H: int, N: int, axis: int, prefix_tokens: int, gw: int) -> i
     return B * H * gw
 
 
+#: CUDA's limit on grid axes 1 and 2 (axis 0 goes to 2^31 - 1).
+MAX_GRID_YZ = 65535
+
+
+def _grid(bh: int, tiles: int) -> Tuple[int, int]:
+    """The launch grid of a per-(batch, head) kernel: ``B * H`` on axis 0, which has room for it (ViT-B has
+    12 heads: axis 1 would overflow from batch 5462 on), and the tiles along the tokens on axis 1."""
+    if tiles > MAX_GRID_YZ:
+        raise ShapeError(f"N is too large for the triton noisy_attention: {tiles} tiles along the tokens exceed "
+                         f"CUDA's grid limit of {MAX_GRID_YZ}")
+    return bh, tiles
+
+
 def _strides(t: Tensor) -> Tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -127,7 +140,7 @@ def _mix_rows(src: Tensor, out: Optional[Tensor], o: Optional[Tensor], delta: Op
     placeholder = src  # never written: stands in for the pointers a configuration does not use
     out_t = out if out is not None else placeholder
     o_t = o if o is not None else placeholder
-    wrap_triton(kernels.mix_kernel)[(triton.cdiv(N, block_r), B * H)](
+    wrap_triton(kernels.mix_kernel)[_grid(B * H, triton.cdiv(N, block_r))](
         src, out_t, o_t, delta if delta is not None else placeholder,
         mix if mix is not None else placeholder, colsum if colsum is not None else placeholder,
         *_strides(src), *_strides(out_t), *_strides(o_t),
@@ -158,45 +171,46 @@ def noisy_attention_fwd(
     saved for backward (an empty tensor when ``kind`` is identity: then ``y`` is ``o``), and the fp32
     natural-log ``lse`` of shape ``(B, H, N)``.  ``mix_matrix`` is the ``K x K`` ``M = I + Q`` (``dense``
     only).  ``straight_through`` only changes the backward."""
-    B, H, N, D = q.shape
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = _tiles(q.dtype, block_d)
-    n_tiles = triton.cdiv(N, block_m)
-    K, gw = _geometry(B, N, axis, prefix_tokens, grid_w)
-    identity = kind == KIND_CODES["identity"]
-    optimal = kind == KIND_CODES["optimal"]
+    with device_guard(q):
+        B, H, N, D = q.shape
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        block_d = _block_d(D)
+        block_m, block_n, num_warps, num_stages = _tiles(q.dtype, block_d)
+        n_tiles = triton.cdiv(N, block_m)
+        K, gw = _geometry(B, N, axis, prefix_tokens, grid_w)
+        identity = kind == KIND_CODES["identity"]
+        optimal = kind == KIND_CODES["optimal"]
 
-    o = _new_bnhd(B, H, N, D, q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    partial_mode = 0
-    gw_pad = 16
-    part = lse  # placeholder (never written) unless the epilogue stores column partials
-    if optimal and axis != AXIS_CODES["batch"]:
-        partial_mode = 1 if axis == AXIS_CODES["tokens"] else 2
-        gw_pad = max(16, triton.next_power_of_2(gw))
-        part = torch.empty((B * H, n_tiles, gw, D), dtype=torch.float32, device=q.device)
-    qk_scale = scale * 1.4426950408889634
-    wrap_triton(kernels.attn_fwd_kernel)[(n_tiles, B * H)](
-        q, k, v, o, lse, part, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, N, prefix_tokens, gw, D, qk_scale, n_tiles,
-        PARTIAL=partial_mode, GW_PAD=gw_pad, DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
-    if identity:
-        return o, q.new_empty((0,)), lse
+        o = _new_bnhd(B, H, N, D, q)
+        lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        partial_mode = 0
+        gw_pad = 16
+        part = lse  # placeholder (never written) unless the epilogue stores column partials
+        if optimal and axis != AXIS_CODES["batch"]:
+            partial_mode = 1 if axis == AXIS_CODES["tokens"] else 2
+            gw_pad = max(16, triton.next_power_of_2(gw))
+            part = torch.empty((B * H, n_tiles, gw, D), dtype=torch.float32, device=q.device)
+        qk_scale = scale * 1.4426950408889634
+        wrap_triton(kernels.attn_fwd_kernel)[_grid(B * H, n_tiles)](
+            q, k, v, o, lse, part, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+            H, N, prefix_tokens, gw, D, qk_scale, n_tiles,
+            PARTIAL=partial_mode, GW_PAD=gw_pad, DOT_PRECISION=_dot_precision(q.dtype),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+        if identity:
+            return o, q.new_empty((0,)), lse
 
-    colsum = None
-    if optimal:
-        if partial_mode:
-            colsum = part.sum(dim=1).reshape(B * H * gw, D)  # phase 2: the tile partials, in a fixed order
-        else:
-            colsum = _group_sum(o, axis, K, gw, prefix_tokens, _groups(B, H, N, axis, prefix_tokens, gw))
-    mix = None
-    if kind == KIND_CODES["dense"]:
-        mix = mix_matrix.to(device=q.device, dtype=torch.float32).contiguous()
-    y = _new_bnhd(B, H, N, D, q)
-    _mix_rows(o, y, None, None, kind, axis, alpha, mix, colsum, prefix_tokens, K, gw, K - 1)
-    return y, o, lse
+        colsum = None
+        if optimal:
+            if partial_mode:
+                colsum = part.sum(dim=1).reshape(B * H * gw, D)  # phase 2: the tile partials, in a fixed order
+            else:
+                colsum = _group_sum(o, axis, K, gw, prefix_tokens, _groups(B, H, N, axis, prefix_tokens, gw))
+        mix = None
+        if kind == KIND_CODES["dense"]:
+            mix = mix_matrix.to(device=q.device, dtype=torch.float32).contiguous()
+        y = _new_bnhd(B, H, N, D, q)
+        _mix_rows(o, y, None, None, kind, axis, alpha, mix, colsum, prefix_tokens, K, gw, K - 1)
+        return y, o, lse
 
 
 @noisy_attention_fwd.register_fake
@@ -230,39 +244,40 @@ def noisy_attention_bwd(
     """``(dq, dk, dv)`` (contiguous, inputs' dtype) from the gradient ``dy`` of ``y = M o``; ``o`` is the
     unmixed attention output and ``lse`` its logsumexp, as the forward op returned them.  ``kind``
     identity means ``dO = dy`` (no mix, or straight-through)."""
-    B, H, N, D = q.shape
-    q, k, v, o, dy = (_last_dim_contiguous(t) for t in (q, k, v, o, dy))
-    lse = lse.contiguous()
-    block_d = _block_d(D)
-    block_m, block_n, num_warps, num_stages = _tiles(q.dtype, block_d)
-    K, gw = _geometry(B, N, axis, prefix_tokens, grid_w)
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    if kind == KIND_CODES["identity"]:
-        do = dy
-        _mix_rows(dy, None, o, delta, kind, axis, alpha, None, None, prefix_tokens, K, gw, 1)
-    else:
-        colsum = None
-        if kind == KIND_CODES["optimal"]:  # M is symmetric: M^T dy = (dy + colsum(dy)) / (K + 1)
-            colsum = _group_sum(dy, axis, K, gw, prefix_tokens, _groups(B, H, N, axis, prefix_tokens, gw))
-        mix_t = None
-        if kind == KIND_CODES["dense"]:
-            mix_t = mix_matrix.to(device=q.device, dtype=torch.float32).t().contiguous()
-        do = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-        _mix_rows(dy, do, o, delta, kind, axis, alpha, mix_t, colsum, prefix_tokens, K, gw, 1)
+    with device_guard(q):
+        B, H, N, D = q.shape
+        q, k, v, o, dy = (_last_dim_contiguous(t) for t in (q, k, v, o, dy))
+        lse = lse.contiguous()
+        block_d = _block_d(D)
+        block_m, block_n, num_warps, num_stages = _tiles(q.dtype, block_d)
+        K, gw = _geometry(B, N, axis, prefix_tokens, grid_w)
+        delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+        if kind == KIND_CODES["identity"]:
+            do = dy
+            _mix_rows(dy, None, o, delta, kind, axis, alpha, None, None, prefix_tokens, K, gw, 1)
+        else:
+            colsum = None
+            if kind == KIND_CODES["optimal"]:  # M is symmetric: M^T dy = (dy + colsum(dy)) / (K + 1)
+                colsum = _group_sum(dy, axis, K, gw, prefix_tokens, _groups(B, H, N, axis, prefix_tokens, gw))
+            mix_t = None
+            if kind == KIND_CODES["dense"]:
+                mix_t = mix_matrix.to(device=q.device, dtype=torch.float32).t().contiguous()
+            do = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+            _mix_rows(dy, do, o, delta, kind, axis, alpha, mix_t, colsum, prefix_tokens, K, gw, 1)
 
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    dv = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    qk_scale = scale * 1.4426950408889634
-    common = (H, N, D, scale, qk_scale)
-    meta = dict(DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                num_warps=num_warps, num_stages=num_stages)
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    wrap_triton(kernels.attn_bwd_dkdv_kernel)[(triton.cdiv(N, block_n), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *strides, *_strides(dk), *common, **meta)
-    wrap_triton(kernels.attn_bwd_dq_kernel)[(triton.cdiv(N, block_m), B * H)](
-        q, k, v, do, lse, delta, dq, *strides, *_strides(dq), *common, **meta)
-    return dq, dk, dv
+        dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        dv = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        qk_scale = scale * 1.4426950408889634
+        common = (H, N, D, scale, qk_scale)
+        meta = dict(DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                    num_warps=num_warps, num_stages=num_stages)
+        strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+        wrap_triton(kernels.attn_bwd_dkdv_kernel)[_grid(B * H, triton.cdiv(N, block_n))](
+            q, k, v, do, lse, delta, dk, dv, *strides, *_strides(dk), *common, **meta)
+        wrap_triton(kernels.attn_bwd_dq_kernel)[_grid(B * H, triton.cdiv(N, block_m))](
+            q, k, v, do, lse, delta, dq, *strides, *_strides(dq), *common, **meta)
+        return dq, dk, dv
 
 
 @noisy_attention_bwd.register_fake

@@ -21,6 +21,7 @@ from torch.library import triton_op, wrap_triton
 from ..._ext import triton_interpreted
 from ...errors import BackendUnavailableError
 from ...triton.random_noise import gaussian_noise_kernel, salt_and_pepper_backward_kernel, salt_and_pepper_kernel
+from ..common import device_guard
 
 __all__ = ["launch_gaussian", "launch_salt_and_pepper", "triton_runs_on"]
 
@@ -44,11 +45,12 @@ def _grid(numel: int):
 @triton_op("noisynn::gaussian_noise", mutates_args={})
 def _gaussian_op(x: torch.Tensor, seed: int, mean: float, std: float, strength: float,
                  prefix_tokens: int) -> torch.Tensor:
-    out = torch.empty_like(x)
-    token_numel, n_tokens = _layout(x, prefix_tokens)
-    wrap_triton(gaussian_noise_kernel)[_grid(x.numel())](
-        x, out, x.numel(), seed, mean, std, strength, token_numel, n_tokens, PREFIX=prefix_tokens, BLOCK=_BLOCK)
-    return out
+    with device_guard(x):
+        out = torch.empty_like(x)
+        token_numel, n_tokens = _layout(x, prefix_tokens)
+        wrap_triton(gaussian_noise_kernel)[_grid(x.numel())](
+            x, out, x.numel(), seed, mean, std, strength, token_numel, n_tokens, PREFIX=prefix_tokens, BLOCK=_BLOCK)
+        return out
 
 
 # Explicit fake (meta) implementations: triton_op derives one by running the body on fake tensors,
@@ -67,12 +69,13 @@ _gaussian_op.register_autograd(_gaussian_backward)
 
 @triton_op("noisynn::salt_and_pepper_noise_backward", mutates_args={})
 def _salt_and_pepper_backward_op(grad: torch.Tensor, seed: int, p: float, prefix_tokens: int) -> torch.Tensor:
-    grad = grad.contiguous()
-    dx = torch.empty_like(grad)
-    token_numel, n_tokens = _layout(grad, prefix_tokens)
-    wrap_triton(salt_and_pepper_backward_kernel)[_grid(grad.numel())](
-        grad, dx, grad.numel(), seed, p, token_numel, n_tokens, PREFIX=prefix_tokens, BLOCK=_BLOCK)
-    return dx
+    with device_guard(grad):
+        grad = grad.contiguous()
+        dx = torch.empty_like(grad)
+        token_numel, n_tokens = _layout(grad, prefix_tokens)
+        wrap_triton(salt_and_pepper_backward_kernel)[_grid(grad.numel())](
+            grad, dx, grad.numel(), seed, p, token_numel, n_tokens, PREFIX=prefix_tokens, BLOCK=_BLOCK)
+        return dx
 
 
 @_salt_and_pepper_backward_op.register_fake
@@ -83,11 +86,12 @@ def _salt_and_pepper_backward_fake(grad, seed, p, prefix_tokens):
 @triton_op("noisynn::salt_and_pepper_noise", mutates_args={})
 def _salt_and_pepper_op(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, seed: int, p: float,
                         prefix_tokens: int) -> torch.Tensor:
-    out = torch.empty_like(x)
-    token_numel, n_tokens = _layout(x, prefix_tokens)
-    wrap_triton(salt_and_pepper_kernel)[_grid(x.numel())](
-        x, out, low, high, x.numel(), seed, p, token_numel, n_tokens, PREFIX=prefix_tokens, BLOCK=_BLOCK)
-    return out
+    with device_guard(x):
+        out = torch.empty_like(x)
+        token_numel, n_tokens = _layout(x, prefix_tokens)
+        wrap_triton(salt_and_pepper_kernel)[_grid(x.numel())](
+            x, out, low, high, x.numel(), seed, p, token_numel, n_tokens, PREFIX=prefix_tokens, BLOCK=_BLOCK)
+        return out
 
 
 @_salt_and_pepper_op.register_fake
