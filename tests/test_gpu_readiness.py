@@ -10,8 +10,10 @@ launch logic on CPU) and on a GPU where only one can (tests marked ``gpu``):
 """
 
 import ast
+import math
 import os
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -233,3 +235,59 @@ def test_swapped_qk_norm_model_runs_under_autocast():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(x)
     assert y.shape == (2, 10) and torch.isfinite(y.float()).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# the Philox stream of the fused random noises is pinned (counter layout and conversions)
+
+M32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 in plain Python: ``counter`` 4 x uint32, ``key`` 2 x uint32 -> 4 x uint32."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p2 >> 32) ^ c1 ^ k0) & M32, p2 & M32, ((p0 >> 32) ^ c3 ^ k1) & M32, p0 & M32
+        k0, k1 = (k0 + 0x9E3779B9) & M32, (k1 + 0xBB67AE85) & M32
+    return c0, c1, c2, c3
+
+
+def test_python_philox_matches_the_known_answers():
+    # Random123's known-answer vectors for Philox4x32-10
+    assert _philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert _philox4x32_10((M32,) * 4, (M32, M32)) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+
+
+def _expected_uniform(seed, n):
+    out = []
+    for g in range((n + 3) // 4):
+        out += [(r >> 8) * 2.0 ** -24 for r in _philox4x32_10((g & M32, g >> 32, 0, 0), (seed & M32, seed >> 32))]
+    return np.array(out[:n], dtype=np.float32)
+
+
+def _expected_normal(seed, n):
+    out = []
+    for g in range((n + 3) // 4):
+        r = _philox4x32_10((g & M32, g >> 32, 0, 0), (seed & M32, seed >> 32))
+        for a, b in ((r[0], r[1]), (r[2], r[3])):
+            rad = math.sqrt(-2.0 * math.log(((a >> 8) + 1) * 2.0 ** -24))
+            theta = 2 * math.pi * (b >> 8) * 2.0 ** -24
+            out += [rad * math.cos(theta), rad * math.sin(theta)]
+    return np.array(out[:n], dtype=np.float64)
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", (7, 2 ** 40 + 3))  # a seed above 2^32 exercises the key's high word
+def test_fused_noise_follows_the_pinned_philox_stream(seed):
+    n = 2 * 1024 + 6  # several programs and a partial last group of four
+    x = torch.zeros(1, 1, n, device=DEVICE)
+    z = nk.gaussian_noise(x, seed=seed, strength=1.0, backend="triton").flatten().double().cpu().numpy()
+    np.testing.assert_allclose(z, _expected_normal(seed, n), rtol=0, atol=2e-5)
+    p = 0.5
+    g = torch.ones(1, 1, n, device=DEVICE, requires_grad=True)
+    nk.salt_and_pepper_noise(g, p, low=0.0, high=1.0, seed=seed, backend="triton").sum().backward()
+    u = _expected_uniform(seed, n)
+    replaced = (u < np.float32(p * 0.5)) | (u > np.float32(1.0 - p * 0.5))
+    assert np.array_equal(g.grad.flatten().cpu().numpy() == 0, replaced)
