@@ -226,3 +226,64 @@ def test_swapped_attn_output_runs_the_noisy_attention_op(backend, monkeypatch):
 def test_attn_output_needs_a_vit_attention():
     with pytest.raises(UnsupportedModelError, match="attn_output"):
         nk.apply_noisynn(timm.create_model("resnet18"), nk.NoiseConfig(position="attn_output"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the swap is module state: it survives saving, pickling, copying and moving
+
+
+def _check_same(a, b, x):
+    a.eval(), b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_swapped_model_survives_torch_save_and_load(tmp_path):
+    m = swap_fused_ops(_tiny(dict(kind="shift", axis="rows")), backend="reference")
+    path = tmp_path / "model.pt"
+    torch.save(m, path)
+    loaded = torch.load(path, weights_only=False)
+    assert is_swapped(loaded) and type(loaded.blocks).__name__ == "FusedBlocks"
+    assert loaded.blocks._noisynn_fused_backend == "reference"
+    _check_same(m, loaded, torch.randn(2, 3, 32, 32, device=DEVICE))
+    unswap_fused_ops(loaded)
+    assert not is_swapped(loaded) and type(loaded.blocks) is torch.nn.Sequential
+
+
+def test_swapped_model_survives_pickle_deepcopy_and_to():
+    import pickle
+
+    m = swap_fused_ops(_tiny(dict(kind="optimal", axis="tokens")))
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    for other in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert is_swapped(other)
+        _check_same(m, other, x)
+    moved = copy.deepcopy(m).to(dtype=torch.bfloat16)
+    assert is_swapped(moved) and next(moved.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        y = moved.eval()(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_swapped_state_dict_loads_into_plain_timm_and_back():
+    m = swap_fused_ops(_tiny(dict(kind="optimal", axis="tokens")))
+    plain = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3, embed_dim=48,
+                              num_heads=3, num_classes=5).to(DEVICE)
+    plain.load_state_dict(m.state_dict(), strict=True)
+    fresh = swap_fused_ops(_tiny(False))
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    assert is_swapped(fresh) and list(fresh.state_dict()) == list(plain.state_dict())
+    nk.remove_noisynn(m)
+    _check_same(m, fresh, torch.randn(2, 3, 32, 32, device=DEVICE))
+
+
+def test_swapping_twice_updates_the_backend_and_a_slice_still_runs():
+    m = swap_fused_ops(_tiny(False), backend="reference")
+    swap_fused_ops(m, backend=None)
+    assert is_swapped(m) and m.blocks._noisynn_fused_backend is None
+    tokens = torch.randn(2, 17, 48, device=DEVICE)
+    head = m.blocks[:2]  # nn.Sequential slicing keeps the class
+    assert type(head).__name__ == "FusedBlocks"
+    with torch.no_grad():
+        unswapped = torch.nn.Sequential(*m.blocks[:2])
+        torch.testing.assert_close(head(tokens), unswapped(tokens), rtol=1e-5, atol=1e-5)

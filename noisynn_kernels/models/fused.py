@@ -10,16 +10,16 @@ LayerNorm-1 output (``mix_after_norm``), and ``attn_output`` noise runs attentio
 without a noise site stays timm's (``F.scaled_dot_product_attention``).  Random noises at a site are
 applied unfused, where the hooks would apply them.
 
-Nothing is replaced but the ``forward`` of ``model.blocks`` (an instance attribute), so every
-parameter, buffer and ``state_dict()`` key is untouched and :func:`unswap_fused_ops` restores the
-original exactly.  The noise is read from the model at every call, so ``apply_noisynn`` /
-``remove_noisynn`` work before or after the swap.  Hooks registered on individual blocks or their
-``norm1``/``norm2`` are not called by the fused stack (the noise hooks are honoured by it).
+Nothing is replaced but the class of ``model.blocks``: the ``nn.Sequential`` becomes a
+:class:`FusedBlocks` (a subclass defined here, so the swapped model survives ``torch.save`` /
+``torch.load``, ``pickle`` and ``copy.deepcopy``), every parameter, buffer and ``state_dict()`` key
+is untouched, and :func:`unswap_fused_ops` restores the original exactly.  The noise is read from
+the model at every call, so ``apply_noisynn`` / ``remove_noisynn`` work before or after the swap.
+Hooks registered on individual blocks or their ``norm1``/``norm2`` are not called by the fused stack
+(the noise hooks are honoured by it).
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from ..nn import NOT_SCRIPTABLE_MESSAGE
 from ..ops import noisy_attention as noisy_attention_op
 from .patch import model_family, site_noise
 
-__all__ = ["swap_fused_ops", "unswap_fused_ops", "is_swapped"]
+__all__ = ["swap_fused_ops", "unswap_fused_ops", "is_swapped", "FusedBlocks"]
 
 _FUSED_ATTR = "_noisynn_fused_backend"
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
@@ -82,7 +82,7 @@ def _attention(attn: nn.Module, x, backend):
 
 
 def _fused_blocks_forward(blocks: nn.Sequential, x):
-    backend = getattr(blocks, _FUSED_ATTR)
+    backend = getattr(blocks, _FUSED_ATTR, None)  # (a slice blocks[a:b] is a FusedBlocks without it)
     res, pending = x, None  # residual stream, and the branch output not yet added to it
     for blk in blocks:
         for norm_name, branch in (("norm1", "attn"), ("norm2", "mlp")):
@@ -122,6 +122,20 @@ def _fused_blocks_forward(blocks: nn.Sequential, x):
     return res if pending is None else res + pending
 
 
+class FusedBlocks(nn.Sequential):
+    """The block stack of a swapped timm ViT: an ``nn.Sequential`` of timm ``Block`` modules whose
+    ``forward`` runs the fused stack (:func:`swap_fused_ops`).  The chosen backend is the instance
+    attribute ``_noisynn_fused_backend`` (``None``: per device at each call)."""
+
+    def forward(self, x):
+        return _fused_blocks_forward(self, x)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this before compiling a module: a clear error here instead of a
+        # TorchScript frontend error deep inside the fused forward.
+        raise UnsupportedModelError("swap_fused_ops: " + NOT_SCRIPTABLE_MESSAGE)
+
+
 def swap_fused_ops(model: nn.Module, backend: str | None = None) -> nn.Module:
     """Run every residual add + LayerNorm pair of a timm ViT-family model through the fused
     ``mix_add_layernorm`` (noise site or not), in place; returns the model.
@@ -135,7 +149,7 @@ def swap_fused_ops(model: nn.Module, backend: str | None = None) -> nn.Module:
     if model_family(model) != "vit":
         raise UnsupportedModelError(f"swap_fused_ops works on timm ViT-family models (.patch_embed and .blocks); "
                                     f"got {type(model).__name__}")
-    if not isinstance(model.blocks, nn.Sequential):
+    if type(model.blocks) not in (nn.Sequential, FusedBlocks):
         raise UnsupportedModelError(f"swap_fused_ops needs model.blocks to be nn.Sequential, got "
                                     f"{type(model.blocks).__name__}")
     if getattr(model, "grad_checkpointing", False):
@@ -143,28 +157,20 @@ def swap_fused_ops(model: nn.Module, backend: str | None = None) -> nn.Module:
                                     "(model.set_grad_checkpointing(True)); disable it first")
     for i, blk in enumerate(model.blocks):
         _check_block(i, blk)
+    model.blocks.__class__ = FusedBlocks
     setattr(model.blocks, _FUSED_ATTR, backend)
-    model.blocks.forward = types.MethodType(_fused_blocks_forward, model.blocks)
-    # torch.jit.script calls __prepare_scriptable__ before compiling a module: a clear error there
-    # instead of a TorchScript frontend error deep inside the fused forward.
-    model.blocks.__prepare_scriptable__ = types.MethodType(_not_scriptable, model.blocks)
     return model
-
-
-def _not_scriptable(blocks):
-    raise UnsupportedModelError("swap_fused_ops: " + NOT_SCRIPTABLE_MESSAGE)
 
 
 def unswap_fused_ops(model: nn.Module) -> nn.Module:
     """Undo :func:`swap_fused_ops`; a model that was not swapped is returned unchanged."""
     blocks = getattr(model, "blocks", None)
-    if blocks is not None and hasattr(blocks, _FUSED_ATTR):
-        del blocks.__dict__["forward"]
-        blocks.__dict__.pop("__prepare_scriptable__", None)
-        delattr(blocks, _FUSED_ATTR)
+    if isinstance(blocks, FusedBlocks):
+        blocks.__class__ = nn.Sequential
+        blocks.__dict__.pop(_FUSED_ATTR, None)
     return model
 
 
 def is_swapped(model: nn.Module) -> bool:
     """Whether :func:`swap_fused_ops` is in effect on ``model``."""
-    return hasattr(getattr(model, "blocks", None), _FUSED_ATTR)
+    return isinstance(getattr(model, "blocks", None), FusedBlocks)
