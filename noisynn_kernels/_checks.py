@@ -10,10 +10,13 @@ import math
 
 from .errors import ConfigError
 
-__all__ = ["AXES", "number", "flag"]
+__all__ = ["AXES", "VALUE_RANGES", "number", "flag"]
 
 #: Axes along which linear transform noise can mix.
 AXES = ("batch", "tokens", "rows")
+
+#: Where salt-and-pepper takes the values it was not given: each sample's range, or the batch's.
+VALUE_RANGES = ("sample", "batch")
 
 
 def number(name: str, value, *, lo: float = -math.inf, hi: float = math.inf) -> float:

@@ -211,7 +211,7 @@ _DESCRIPTIONS = {
     "official": "official ViT protocol: optimal Q across the batch on LN-1 output of the last block, "
                 "eval only (no-noise weights); batch-dependent, explicit opt-in",
     "gaussian": "x + 0.1 N(0, 1), last block input (class token untouched), train + eval",
-    "salt_and_pepper": "p = 0.1 to batch max / min, last block input (class token untouched), train + eval",
+    "salt_and_pepper": "p = 0.1 to each sample's own max / min, last block input (class token untouched), train + eval",
 }
 
 

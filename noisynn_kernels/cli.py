@@ -4,6 +4,7 @@
     noisynn train   a small training run, also under torchrun (DistributedDataParallel)
     noisynn info    what this installation has (extension, Triton, CUDA, chosen backends)
     noisynn audit   batch-dependence audit: a small NoisyViT on real digits under three batch orderings
+    noisynn kernels compile every kernel variant for GPU targets (no GPU needed): registers, spills, shared memory
 """
 
 from __future__ import annotations
@@ -88,7 +89,75 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the model is tiny, and one thread stays fast on a busy machine)")
     a.add_argument("--quiet", action="store_true", help="no progress output")
+
+    k = sub.add_parser("kernels", help="compile every kernel variant for GPU targets (no GPU needed) and check "
+                                       "registers, spills and shared memory against the limits",
+                       description="Compile, with the real Triton compiler and no GPU, every Triton kernel variant "
+                                   "the launchers pick at ViT shapes (and, with --cuda, the CUDA C++ kernels with "
+                                   "nvcc -Xptxas -v), and report per variant and target the registers, spills, "
+                                   "shared memory, num_warps, num_stages and tensor-core use, and whether it fits. "
+                                   "Exit status 1 when any variant cannot launch or spills more than 64 bytes. "
+                                   "The full run takes about half an hour on one CPU core; --quick (every kernel "
+                                   "and dtype) a few minutes.")
+    k.add_argument("--target", nargs="+", default=None, metavar="SM",
+                   help="targets: sm_80, sm_86, sm_89, sm_90 (default: sm_80 sm_90)")
+    k.add_argument("--quick", action="store_true",
+                   help="the CI subset: every kernel function and dtype, a few shapes")
+    k.add_argument("--cuda", action=argparse.BooleanOptionalAction, default=None,
+                   help="include the CUDA C++ kernels (nvcc; default: on for the full run, off with --quick)")
+    k.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
+    k.add_argument("--all", action="store_true", help="list every variant in the table, not only those over a limit")
+    k.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the report: FILE.json (JSON), another name (the table with every variant), "
+                        "or an existing directory (report.json and report.txt)")
+    k.add_argument("--quiet", action="store_true", help="no progress output")
     return p
+
+
+def _kernels(args) -> int:
+    import os
+
+    from . import kernel_report  # imports nothing heavy: Triton is imported by run()
+    from .errors import NoisyNNError
+
+    targets = []
+    for t in args.target or list(kernel_report.DEFAULT_TARGETS):
+        name = _target_name(t, kernel_report.TARGETS)
+        if name is None:
+            print(f"noisynn kernels: unknown --target {t!r}; expected some of {' '.join(kernel_report.TARGETS)}",
+                  file=sys.stderr)
+            return 2
+        targets.append(name)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not any(
+            m.startswith("noisynn_kernels.triton") for m in sys.modules):
+        # the report compiles real kernels: Triton reads TRITON_INTERPRET when the kernels are defined
+        print("noisynn kernels: ignoring TRITON_INTERPRET=1 (the report compiles real kernels)", file=sys.stderr)
+        os.environ["TRITON_INTERPRET"] = "0"
+
+    def progress(msg):
+        if not args.quiet:
+            print(f"[kernels] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        report = kernel_report.run(targets, quick=args.quick, include_cuda=args.cuda, progress=progress)
+    except (kernel_report.ReportError, NoisyNNError, ValueError) as e:
+        print(f"noisynn kernels: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        paths = kernel_report.write(report, args.out)
+        progress("wrote " + ", ".join(paths))
+    print(json.dumps(report, indent=1, default=str) if args.json else
+          kernel_report.format_table(report, all_variants=args.all))
+    return kernel_report.exit_code(report)
+
+
+def _target_name(text: str, known) -> str | None:
+    """``sm_80`` from ``sm_80``, ``sm80``, ``80`` or ``8.0``; ``None`` for a target not in ``known``."""
+    import re
+
+    m = re.fullmatch(r"(?:sm_?)?(\d)\.?(\d)", text.strip().lower())
+    name = f"sm_{m.group(1)}{m.group(2)}" if m else None
+    return name if name in known else None
 
 
 def _audit(args) -> int:
@@ -124,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "audit":
         return _audit(args)
+    if args.command == "kernels":
+        return _kernels(args)
 
     from .bench import BenchOptions, format_table, run
     from .errors import NoisyNNError

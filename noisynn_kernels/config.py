@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import quality
-from ._checks import AXES, number
+from ._checks import AXES, VALUE_RANGES, number
 from .errors import BatchDependenceError, ConfigError
 
 __all__ = ["NoiseConfig", "KINDS", "RANDOM_KINDS", "POSITIONS"]
@@ -41,8 +41,11 @@ class NoiseConfig:
         alpha: shift strength ``a`` in ``[0, 1]`` (``shift`` only).
         matrix: the ``k x k`` quality matrix ``Q`` (``dense`` only); ``M = I + Q``.
         std, mean, strength: Gaussian noise ``x + strength * N(mean, std)``.
-        p: salt-and-pepper probability in ``[0, 1]``; ``low``/``high``: its values (default: the
-            detached batch minimum/maximum; give the pixel range for ``position='image'``).
+        p: salt-and-pepper probability in ``[0, 1]``; ``low``/``high``: its values (give the pixel range
+            for ``position='image'``); where not given, ``value_range`` says where they come from:
+            ``sample`` (default) each sample's own detached minimum / maximum, ``batch`` the whole
+            batch's (the official latent-level rule; batch-dependent, so at evaluation it needs
+            ``allow_batch_dependence=True``), both over the non-prefix elements.
         layer: index of the block the noise sits in; negative counts from the end (``-1``: last).
         position: ``block_input`` (the residual stream entering block ``layer``), ``attn_input``
             (the LayerNorm-1 output inside block ``layer``, as the official ViT code), ``attn_output``
@@ -51,7 +54,8 @@ class NoiseConfig:
             :func:`~noisynn_kernels.swap_fused_ops`) or ``image`` (the model input).
         train, eval: apply the noise in training mode / in eval mode.
         straight_through: forward ``M x``, gradient the identity (linear kinds).
-        allow_batch_dependence: explicit opt-in to ``axis='batch'`` with ``eval=True``.
+        allow_batch_dependence: explicit opt-in to batch-dependent noise with ``eval=True``: ``axis='batch'``
+            mixing, or salt-and-pepper with ``value_range='batch'``.
         check_matrix: validate ``I + Q`` (invertible, row dominance); ``False`` overrides.
         seed: seed of the random kinds' own generator (``None``: the global RNG).
 
@@ -69,6 +73,7 @@ class NoiseConfig:
     p: float = 0.1
     low: float | None = None
     high: float | None = None
+    value_range: str = "sample"
     layer: int = -1
     position: str = "block_input"
     train: bool = True
@@ -118,9 +123,17 @@ class NoiseConfig:
             quality.check_structured("shift", 2, self.alpha)  # raises the dominance error, for any k >= 2
         if self.kind in RANDOM_KINDS and self.straight_through:
             raise ConfigError(f"straight_through applies to linear transform noise, not kind={self.kind!r}")
+        if self.value_range not in VALUE_RANGES:
+            raise ConfigError(f"value_range must be one of {VALUE_RANGES}, got {self.value_range!r}")
         if self.mixes_batch and self.eval and not self.allow_batch_dependence:
             raise BatchDependenceError(f"NoiseConfig(kind={self.kind!r}, axis='batch', eval=True): "
                                        + BATCH_DEPENDENCE_MESSAGE)
+        if self.batch_dependent and self.eval and not self.allow_batch_dependence:
+            raise BatchDependenceError(
+                "NoiseConfig(kind='salt_and_pepper', value_range='batch', eval=True): taking low / high from the "
+                "whole batch at inference makes every prediction depend on the other samples in its batch. Pass "
+                "allow_batch_dependence=True to ask for it explicitly, set eval=False, give low and high, or keep "
+                "value_range='sample' (each sample's own range).")
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -135,8 +148,16 @@ class NoiseConfig:
 
     @property
     def mixes_batch(self) -> bool:
-        """True when the noise makes a sample's output depend on the rest of its batch."""
+        """True for linear noise that mixes the samples of the batch (``axis='batch'``, not identity)."""
         return self.is_linear and self.kind != "identity" and self.axis == "batch"
+
+    @property
+    def batch_dependent(self) -> bool:
+        """True when the noise makes a sample's output depend on the rest of its batch: batch-axis mixing,
+        or salt-and-pepper taking a value it was not given from the whole batch (``value_range='batch'``)."""
+        takes_batch_range = (self.kind == "salt_and_pepper" and self.value_range == "batch"
+                             and (self.low is None or self.high is None))
+        return self.mixes_batch or takes_batch_range
 
     def active(self, training: bool) -> bool:
         """Whether the noise is applied in training (``True``) or eval (``False``) mode."""

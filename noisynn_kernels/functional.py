@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import quality, reference
+from ._checks import VALUE_RANGES
 from ._ext import select_backend
 from ._validate import (
     AXES,
@@ -141,15 +142,20 @@ def gaussian_noise(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, stre
 
 
 def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low: float | None = None, high: float | None = None,
-                          prefix_tokens: int = 0, generator: torch.Generator | None = None,
-                          seed: int | None = None, backend: str | None = None) -> torch.Tensor:
+                          value_range: str = "sample", prefix_tokens: int = 0,
+                          generator: torch.Generator | None = None, seed: int | None = None,
+                          backend: str | None = None) -> torch.Tensor:
     """Salt-and-pepper ("impulse") noise: with probability ``p`` an element becomes ``high`` or ``low``
     (``p/2`` each).
 
-    ``low``/``high`` default to the detached minimum/maximum of the whole batch tensor (official
-    latent-level behaviour); pass the valid pixel range at the image level.  Prefix tokens untouched.
-    ``generator`` / ``seed`` / ``backend`` as for :func:`gaussian_noise` (the fused backward
-    regenerates the mask from the seed).
+    ``low``/``high``: the values, or ``None`` for the detached extremes by the ``value_range`` rule,
+    taken over the elements the noise may replace (prefix tokens excluded): ``'sample'`` (default)
+    each sample's own minimum / maximum, so no sample's output depends on the others; ``'batch'``
+    the whole batch's (the official latent-level rule: each output then depends on the other samples,
+    which at evaluation :class:`~noisynn_kernels.NoiseConfig` lets through only with
+    ``allow_batch_dependence=True``).  Pass the valid pixel range at the image level.  Prefix tokens
+    are untouched.  ``generator`` / ``seed`` / ``backend`` as for :func:`gaussian_noise` (the fused
+    backward regenerates the mask from the seed).
     """
     name = backend_for("salt_and_pepper", _device_type(x), backend)
     check_activation(x)
@@ -161,8 +167,10 @@ def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low: float | None = None
     high = None if high is None else number("high", high)
     if low is not None and high is not None and low > high:
         raise ConfigError(f"low must be <= high, got low = {low}, high = {high}")
-    return _random_noise_op.SALT_AND_PEPPER[name](x, p, low=low, high=high, prefix_tokens=prefix_tokens,
-                                                  generator=generator, seed=seed)
+    if value_range not in VALUE_RANGES:
+        raise ConfigError(f"value_range must be one of {VALUE_RANGES}, got {value_range!r}")
+    return _random_noise_op.SALT_AND_PEPPER[name](x, p, low=low, high=high, value_range=value_range,
+                                                  prefix_tokens=prefix_tokens, generator=generator, seed=seed)
 
 
 def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,

@@ -69,9 +69,10 @@ class NoiseInjection(nn.Module):
         raise UnsupportedModelError(NOT_SCRIPTABLE_MESSAGE)
 
     def warn_if_local_batch_mix(self) -> None:
-        """Warn (once per module) when batch-axis mixing runs in a ``torch.distributed`` process group
-        of world size > 1: each process then mixes only its own local batch."""
-        if getattr(self, "_warned_local_batch", False) or not self.config.mixes_batch:  # (older pickles lack it)
+        """Warn (once per module) when batch-dependent noise (batch-axis mixing, a batch-wide
+        salt-and-pepper range) runs in a ``torch.distributed`` process group of world size > 1: each
+        process then sees only its own local batch."""
+        if getattr(self, "_warned_local_batch", False) or not self.config.batch_dependent:  # (older pickles lack it)
             return
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
@@ -79,11 +80,12 @@ class NoiseInjection(nn.Module):
         if world <= 1:
             return
         self._warned_local_batch = True
+        what = ("axis='batch'" if self.config.mixes_batch else "value_range='batch'")
         warnings.warn(
-            f"NoiseInjection(kind={self.config.kind!r}, axis='batch') runs in a torch.distributed process group of "
+            f"NoiseInjection(kind={self.config.kind!r}, {what}) runs in a torch.distributed process group of "
             f"world size {world}: it mixes only the samples of this process's local batch, not the global batch, "
-            "so results differ from one process on the global batch. Use axis='tokens' or 'rows' for sample-local "
-            "noise.", UserWarning, stacklevel=2)
+            "so results differ from one process on the global batch. Use axis='tokens' or 'rows' (or "
+            "value_range='sample') for sample-local noise.", UserWarning, stacklevel=2)
 
     def reset_generator(self) -> None:
         """Forget the per-device generators, so the next call starts again from ``config.seed``."""
@@ -118,12 +120,13 @@ class NoiseInjection(nn.Module):
                 self._validated_k.add(F.mixed_size(x, cfg.axis, prefix, grid))
             return out
         generator = self._generator(x)
+        self.warn_if_local_batch_mix()
         if cfg.kind == "gaussian":
             return F.gaussian_noise(x, std=cfg.std, mean=cfg.mean, strength=cfg.strength, prefix_tokens=prefix,
                                     generator=generator)
         if cfg.kind == "salt_and_pepper":
-            return F.salt_and_pepper_noise(x, cfg.p, low=cfg.low, high=cfg.high, prefix_tokens=prefix,
-                                           generator=generator)
+            return F.salt_and_pepper_noise(x, cfg.p, low=cfg.low, high=cfg.high, value_range=cfg.value_range,
+                                           prefix_tokens=prefix, generator=generator)
         raise ConfigError(f"NoiseInjection has no implementation of kind={cfg.kind!r}")  # a kind added to config only
 
     def extra_repr(self) -> str:

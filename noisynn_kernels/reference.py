@@ -31,6 +31,7 @@ __all__ = [
     "linear_transform_noise",
     "gaussian_noise",
     "salt_and_pepper_noise",
+    "salt_and_pepper_range",
     "layer_norm",
     "mix_add_layernorm",
 ]
@@ -116,14 +117,28 @@ def gaussian_noise(x: torch.Tensor, *, std: float = 1.0, mean: float = 0.0, stre
     return _join_prefix(head, noisy, x)
 
 
-def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low=None, high=None, prefix_tokens: int = 0,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
+def salt_and_pepper_range(body: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The detached ``(low, high)`` salt-and-pepper takes where it is given no values: each sample's own
+    minimum / maximum (``rule='sample'``; shape ``(B, 1, ...)``) or the whole batch's (``'batch'``,
+    the official latent-level rule; 0-d), over the elements the noise may replace (``body``: the
+    patch part, prefix tokens excluded)."""
+    b = body.detach()
+    if rule == "sample":
+        dims = tuple(range(1, b.dim()))
+        return b.amin(dim=dims, keepdim=True), b.amax(dim=dims, keepdim=True)
+    return b.amin(), b.amax()
+
+
+def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low=None, high=None, value_range: str = "sample",
+                          prefix_tokens: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
     """Each patch element draws ``u ~ U(0, 1)``: ``u < p/2`` becomes ``high`` (salt), ``u > 1 - p/2``
-    becomes ``low`` (pepper).  ``low``/``high`` default to the detached minimum/maximum of all of ``x``."""
+    becomes ``low`` (pepper).  ``low``/``high`` not given are taken by the ``value_range`` rule (see
+    :func:`salt_and_pepper_range`): by default each sample's own range, so no sample depends on the
+    others."""
     head, body = _split_prefix(x, prefix_tokens)
-    xd = x.detach()
-    hi = xd.amax() if high is None else torch.as_tensor(high, dtype=x.dtype, device=x.device)
-    lo = xd.amin() if low is None else torch.as_tensor(low, dtype=x.dtype, device=x.device)
+    lo_r, hi_r = salt_and_pepper_range(body, value_range) if low is None or high is None else (None, None)
+    hi = hi_r if high is None else torch.as_tensor(high, dtype=x.dtype, device=x.device)
+    lo = lo_r if low is None else torch.as_tensor(low, dtype=x.dtype, device=x.device)
     u = _draw(body.shape, torch.rand, x, generator)
     noisy = torch.where(u < p / 2, hi, torch.where(u > 1 - p / 2, lo, body))
     return _join_prefix(head, noisy, x)

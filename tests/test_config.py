@@ -506,3 +506,19 @@ def test_dense_nan_matrix_rejected_even_with_check_matrix_false():
     with pytest.raises(QualityMatrixError, match="non-finite"):
         NoiseConfig(kind="dense", matrix=bad, check_matrix=False)
     NoiseConfig(kind="dense", matrix=torch.full((3, 3), 5.0, dtype=torch.float64), check_matrix=False)
+
+
+def test_salt_and_pepper_value_range_and_its_batch_dependence():
+    assert NoiseConfig(kind="salt_and_pepper").value_range == "sample"
+    assert not NoiseConfig(kind="salt_and_pepper").batch_dependent
+    with pytest.raises(BatchDependenceError, match="value_range='batch'"):
+        NoiseConfig(kind="salt_and_pepper", value_range="batch")
+    ok = NoiseConfig(kind="salt_and_pepper", value_range="batch", allow_batch_dependence=True)
+    assert ok.batch_dependent and not ok.mixes_batch
+    assert NoiseConfig(kind="salt_and_pepper", value_range="batch", eval=False).batch_dependent
+    # both values given: nothing is taken from the batch
+    fixed = NoiseConfig(kind="salt_and_pepper", value_range="batch", low=0.0, high=1.0)
+    assert not fixed.batch_dependent
+    with pytest.raises(ConfigError, match="value_range must be one of"):
+        NoiseConfig(kind="salt_and_pepper", value_range="global")
+    assert NoiseConfig(kind="optimal", axis="batch", allow_batch_dependence=True).batch_dependent

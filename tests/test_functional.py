@@ -14,6 +14,7 @@ from _oracle import gen as _gen
 
 from noisynn_kernels import AXES, quality
 from noisynn_kernels import functional as F
+from noisynn_kernels._ext import backend_status
 from noisynn_kernels.errors import ConfigError, NoisyNNError, QualityMatrixError, ShapeError
 
 KINDS = quality.LINEAR_KINDS
@@ -661,12 +662,16 @@ def test_snp_rates(p):
     assert abs(kept.double().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n) + 1e-12
 
 
-def test_snp_default_low_high_are_whole_tensor_min_max():
+def test_snp_batch_range_is_the_batch_min_max_of_the_patch_tokens():
+    """value_range='batch' (the official latent-level rule): the extremes of the whole batch's patch tokens;
+    the class token's are ignored, as the official ViT code takes them over x[:, 1:]."""
     x = _in_range((8, 1 + 400, 16), 53)
-    x[2, 0, 3] = -7.0  # the extremes sit in the prefix (class) token: the batch min/max is taken over all of x
-    x[5, 0, 1] = 9.0
+    x[2, 0, 3] = -70.0  # extremes in the prefix (class) token: not part of the range
+    x[5, 0, 1] = 90.0
+    x[3, 7, 2] = -7.0  # the patch tokens' extremes, in two different samples
+    x[6, 9, 4] = 9.0
     p = 0.3
-    out = F.salt_and_pepper_noise(x, p, prefix_tokens=1, generator=_gen(5))
+    out = F.salt_and_pepper_noise(x, p, prefix_tokens=1, value_range="batch", generator=_gen(5))
     body = out[:, 1:]
     salt, pepper = body == 9.0, body == -7.0
     kept = ~(salt | pepper)
@@ -678,20 +683,46 @@ def test_snp_default_low_high_are_whole_tensor_min_max():
     assert torch.equal(out[:, :1], x[:, :1])
 
 
+@pytest.mark.parametrize("backend", [b for b in ("reference", "triton") if backend_status(b, "cpu") is None])
+def test_snp_default_range_is_each_samples_own_and_batch_independent(backend):
+    x = _in_range((4, 1 + 100, 8), 57)
+    x[0, 0, 0] = 50.0  # a class-token extreme: ignored
+    x[1] *= 10.0       # one sample with a wider range
+    kw = dict(seed=8) if backend == "triton" else dict(generator=_gen(8))
+    out = F.salt_and_pepper_noise(x, 0.5, prefix_tokens=1, backend=backend, **kw)
+    for b in range(4):
+        body, changed = x[b, 1:], out[b, 1:] != x[b, 1:]
+        assert changed.any()
+        assert set(out[b, 1:][changed].unique().tolist()) <= {body.min().item(), body.max().item()}
+    # sample 0 gives the same output whatever the other samples are (same random draws)
+    other = x.clone()
+    other[1:] = _in_range((3, 1 + 100, 8), 58) * 100.0
+    kw = dict(seed=8) if backend == "triton" else dict(generator=_gen(8))
+    again = F.salt_and_pepper_noise(other, 0.5, prefix_tokens=1, backend=backend, **kw)
+    assert torch.equal(again[0], out[0])
+    with pytest.raises(ConfigError, match="value_range"):
+        F.salt_and_pepper_noise(x, 0.5, value_range="global")
+
+
 def test_snp_explicit_low_high_are_used():
     x = _in_range((4, 1000, 8), 54)
     out = F.salt_and_pepper_noise(x, 0.5, low=-3.0, high=4.0, generator=_gen(6))
     changed = out != x
     assert changed.any()
     assert set(out[changed].unique().tolist()) == {-3.0, 4.0}
-    # only high given: low is still the batch minimum
-    out = F.salt_and_pepper_noise(x, 0.5, high=4.0, generator=_gen(6))
+    # only high given: low is still the batch minimum (value_range='batch')
+    out = F.salt_and_pepper_noise(x, 0.5, high=4.0, value_range="batch", generator=_gen(6))
     changed = out != x
     assert set(out[changed].unique().tolist()) == {x.min().item(), 4.0}
     # only low given: high is still the batch maximum
-    out = F.salt_and_pepper_noise(x, 0.5, low=-3.0, generator=_gen(6))
+    out = F.salt_and_pepper_noise(x, 0.5, low=-3.0, value_range="batch", generator=_gen(6))
     changed = out != x
     assert set(out[changed].unique().tolist()) == {-3.0, x.max().item()}
+    # only low given, per-sample range: each sample's own maximum
+    out = F.salt_and_pepper_noise(x, 0.5, low=-3.0, generator=_gen(6))
+    for b in range(x.shape[0]):
+        changed = out[b] != x[b]
+        assert set(out[b][changed].unique().tolist()) == {-3.0, x[b].max().item()}
 
 
 def test_snp_low_equals_high_allowed():
@@ -728,17 +759,19 @@ def test_snp_feature_map():
 @pytest.mark.parametrize("explicit", (True, False))
 def test_snp_gradient_only_through_untouched(explicit):
     x = _in_range((3, 1 + 64, 8), 59, dtype=torch.float64)
-    x[0, 0, 0], x[1, 0, 1] = -7.0, 9.0  # batch extremes in the prefix token
+    x[0, 3, 0], x[1, 5, 1] = -7.0, 9.0  # extremes in the patch tokens: the detached ranges of the default rule
     x.requires_grad_(True)
     kw = dict(low=-7.0, high=9.0) if explicit else {}
-    out = F.salt_and_pepper_noise(x, 0.4, prefix_tokens=1, generator=_gen(11), **kw)
+    p = 0.4
+    out = F.salt_and_pepper_noise(x, p, prefix_tokens=1, generator=_gen(11), **kw)
     g = torch.randn(out.shape, dtype=torch.float64, generator=_gen(12))
     out.backward(g)
+    u = torch.rand(x[:, 1:].shape, dtype=torch.float64, generator=_gen(11))  # the draws the noise made
     replaced = torch.zeros_like(out, dtype=torch.bool)
-    replaced[:, 1:] = (out[:, 1:] == -7.0) | (out[:, 1:] == 9.0)
+    replaced[:, 1:] = (u < p / 2) | (u > 1 - p / 2)
     assert replaced.any() and (~replaced[:, 1:]).any()
     # untouched elements get the upstream gradient, replaced ones none; the detached min/max
-    # (the extremes in the prefix) get nothing from the salt/pepper they were copied to
+    # get nothing from the salt/pepper they were copied to
     expected = torch.where(replaced, torch.zeros_like(g), g)
     assert torch.equal(x.grad, expected)
 

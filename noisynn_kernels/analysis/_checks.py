@@ -63,7 +63,7 @@ def check_noise_guard(model: nn.Module) -> NoiseConfig | None:
     ``NoiseConfig`` already raises at construction, so this only fires for a config whose frozen
     fields were altered behind the validator's back: the audit does not evaluate such a model."""
     cfg = noise_config(model)
-    if cfg is not None and cfg.mixes_batch and cfg.eval and not cfg.allow_batch_dependence:
+    if cfg is not None and cfg.batch_dependent and cfg.eval and not cfg.allow_batch_dependence:
         raise BatchDependenceError(
             f"the model's noise (kind={cfg.kind!r}, axis='batch', eval=True) mixes the batch at inference "
             "without allow_batch_dependence=True; expected a config built with the explicit opt-in "

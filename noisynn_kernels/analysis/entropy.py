@@ -306,8 +306,8 @@ def apply_noise(features: torch.Tensor, noise, *, prefix_tokens: int = 0, grid=N
         if cfg.kind == "gaussian":
             return gaussian_noise(t, std=cfg.std, mean=cfg.mean, strength=cfg.strength,
                                               prefix_tokens=prefix_tokens, generator=gen)
-        return salt_and_pepper_noise(t, cfg.p, low=cfg.low, high=cfg.high, prefix_tokens=prefix_tokens,
-                                                 generator=gen)
+        return salt_and_pepper_noise(t, cfg.p, low=cfg.low, high=cfg.high, value_range=cfg.value_range,
+                                     prefix_tokens=prefix_tokens, generator=gen)
 
     if batches is None:
         return one(x)

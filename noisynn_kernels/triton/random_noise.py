@@ -101,13 +101,15 @@ def gaussian_noise_kernel(x_ptr, out_ptr, numel, seed, mean, std, strength, TOKE
 
 @triton.jit
 def salt_and_pepper_kernel(x_ptr, out_ptr, low_ptr, high_ptr, numel, seed, p, TOKEN_NUMEL, N_TOKENS,
-                           PREFIX: tl.constexpr, BLOCK: tl.constexpr):
+                           SAMPLE_NUMEL, LOW_STRIDE, HIGH_STRIDE, PREFIX: tl.constexpr, BLOCK: tl.constexpr):
+    # low / high: one value (stride 0) or one per sample (stride 1; SAMPLE_NUMEL elements a sample)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    low = tl.load(low_ptr)
-    high = tl.load(high_ptr)
+    sample = offs // SAMPLE_NUMEL
+    low = tl.load(low_ptr + sample * LOW_STRIDE, mask=mask, other=0.0)
+    high = tl.load(high_ptr + sample * HIGH_STRIDE, mask=mask, other=0.0)
     u = _block_uniform(seed, pid, BLOCK)
     keep = _is_prefix(offs, TOKEN_NUMEL, N_TOKENS, PREFIX)
     y = tl.where(u < p * 0.5, high.to(x.dtype), tl.where(u > 1.0 - p * 0.5, low.to(x.dtype), x))

@@ -2,8 +2,9 @@
 ``p`` an element becomes ``high`` or ``low``, ``p/2`` each), both leaving prefix tokens untouched.
 
 Definitions: :func:`noisynn_kernels.reference.gaussian_noise` and
-:func:`noisynn_kernels.reference.salt_and_pepper_noise` (``low``/``high`` default to the detached
-minimum/maximum of the whole tensor).  Reproducibility: a ``generator`` (or the global RNG) or,
+:func:`noisynn_kernels.reference.salt_and_pepper_noise` (``low``/``high`` not given: the detached
+minimum/maximum of each sample's non-prefix elements, or with ``value_range='batch'`` of the whole
+batch's, the official latent-level rule).  Reproducibility: a ``generator`` (or the global RNG) or,
 for the fused kernels, a ``seed``; the reference draws from ``torch.randn`` / ``torch.rand``, the
 fused kernels from Philox keyed by ``(seed, element index)``, so the two agree in distribution, not
 element by element.  The gradient is the identity for Gaussian noise and the unreplaced elements'
@@ -38,11 +39,11 @@ def gaussian_reference(x: torch.Tensor, *, std: float, mean: float, strength: fl
 
 
 def salt_and_pepper_reference(x: torch.Tensor, p: float, *, low: float | None, high: float | None,
-                              prefix_tokens: int, generator: torch.Generator | None,
+                              value_range: str, prefix_tokens: int, generator: torch.Generator | None,
                               seed: int | None) -> torch.Tensor:
     """The ``reference`` salt-and-pepper noise (``seed``: a fresh generator seeded with it)."""
-    return reference.salt_and_pepper_noise(x, p, low=low, high=high, prefix_tokens=prefix_tokens,
-                                           generator=_generator(x, generator, seed))
+    return reference.salt_and_pepper_noise(x, p, low=low, high=high, value_range=value_range,
+                                           prefix_tokens=prefix_tokens, generator=_generator(x, generator, seed))
 
 
 def gaussian_triton(x, **kwargs):

@@ -18,8 +18,9 @@ import torch
 import triton
 from torch.library import triton_op, wrap_triton
 
+from ... import reference
 from ..._ext import triton_interpreted
-from ...errors import BackendUnavailableError
+from ...errors import BackendUnavailableError, ShapeError
 from ...triton.random_noise import gaussian_noise_kernel, salt_and_pepper_backward_kernel, salt_and_pepper_kernel
 from ..common import device_guard
 
@@ -89,8 +90,14 @@ def _salt_and_pepper_op(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, 
     with device_guard(x):
         out = torch.empty_like(x)
         token_numel, n_tokens = _layout(x, prefix_tokens)
+        B = x.shape[0]
+        for name, t in (("low", low), ("high", high)):
+            if t.numel() not in (1, B):
+                raise ShapeError(f"{name} has {t.numel()} values; expected 1 or one per sample ({B})")
+        low, high = low.reshape(-1).contiguous(), high.reshape(-1).contiguous()
         wrap_triton(salt_and_pepper_kernel)[_grid(x.numel())](
-            x, out, low, high, x.numel(), seed, p, token_numel, n_tokens, PREFIX=prefix_tokens, BLOCK=_BLOCK)
+            x, out, low, high, x.numel(), seed, p, token_numel, n_tokens, x.numel() // B,
+            1 if low.numel() > 1 else 0, 1 if high.numel() > 1 else 0, PREFIX=prefix_tokens, BLOCK=_BLOCK)
         return out
 
 
@@ -132,12 +139,16 @@ def launch_gaussian(x: torch.Tensor, *, std: float, mean: float, strength: float
 
 
 def launch_salt_and_pepper(x: torch.Tensor, p: float, *, low: Optional[float], high: Optional[float],
-                           prefix_tokens: int, generator: Optional[torch.Generator],
+                           value_range: str, prefix_tokens: int, generator: Optional[torch.Generator],
                            seed: Optional[int]) -> torch.Tensor:
-    """The ``triton`` salt-and-pepper noise on checked arguments; ``low``/``high`` default to the detached
-    minimum/maximum of the whole tensor, computed on the device (no host sync)."""
+    """The ``triton`` salt-and-pepper noise on checked arguments; ``low``/``high`` not given follow
+    ``value_range`` (:func:`noisynn_kernels.reference.salt_and_pepper_range`: per sample or batch-wide,
+    over the non-prefix elements), computed on the device (no host sync)."""
     x, seed = _prepare(x, generator, seed)
-    xd = x.detach()
-    lo = xd.amin() if low is None else torch.tensor(low, dtype=x.dtype, device=x.device)
-    hi = xd.amax() if high is None else torch.tensor(high, dtype=x.dtype, device=x.device)
+    lo = hi = None
+    if low is None or high is None:
+        body = x[:, prefix_tokens:] if x.dim() == 3 and prefix_tokens else x
+        lo, hi = reference.salt_and_pepper_range(body, value_range)
+    lo = lo if low is None else torch.tensor(low, dtype=x.dtype, device=x.device)
+    hi = hi if high is None else torch.tensor(high, dtype=x.dtype, device=x.device)
     return _salt_and_pepper_op(x, lo, hi, seed, p, prefix_tokens)
