@@ -10,7 +10,7 @@ import math
 
 from .errors import ConfigError
 
-__all__ = ["AXES", "VALUE_RANGES", "number", "flag"]
+__all__ = ["AXES", "VALUE_RANGES", "number", "flag", "traced"]
 
 #: Axes along which linear transform noise can mix.
 AXES = ("batch", "tokens", "rows")
@@ -19,8 +19,21 @@ AXES = ("batch", "tokens", "rows")
 VALUE_RANGES = ("sample", "batch")
 
 
+def traced(value) -> bool:
+    """Whether ``value`` is being traced by ``torch.compile`` rather than known: a symbolic size or float
+    (dynamic shapes), or any number while compiling (Dynamo may trace a config's float as symbolic).
+    Checks of such values are left to eager calls: the graph has no value to check, and NoiseConfig
+    has checked its own fields at construction."""
+    import torch
+
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)) or torch.compiler.is_compiling()
+
+
 def number(name: str, value, *, lo: float = -math.inf, hi: float = math.inf) -> float:
-    """``value`` as a float, which must be finite and in ``[lo, hi]``; else :class:`ConfigError`."""
+    """``value`` as a float, which must be finite and in ``[lo, hi]``; else :class:`ConfigError`.  A
+    traced value (``torch.compile`` with dynamic shapes) passes through unchecked."""
+    if traced(value):
+        return value
     if isinstance(value, bool):  # float(True) == 1.0 would pass silently
         raise ConfigError(f"{name} must be a number, got {value!r}")
     try:

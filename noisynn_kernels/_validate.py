@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from . import quality, reference
-from ._checks import AXES, flag, number
+from ._checks import AXES, flag, number, traced
 from .config import NoiseConfig
 from .errors import ConfigError, ShapeError
 
@@ -179,7 +179,8 @@ def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, 
             raise ShapeError(f"{tname} is on {t.device} but x is on {x.device}; expected the same device")
     if residual is not None and residual.dtype != x.dtype:
         raise ShapeError(f"residual has dtype {residual.dtype}, expected x's dtype {x.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    if not traced(eps) and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+                              or eps <= 0):
         raise ConfigError(f"eps must be a finite number > 0, got {eps!r}")
     flag("mix_after_norm", mix_after_norm)
     prefix_tokens = check_prefix(x, prefix_tokens)
@@ -205,7 +206,8 @@ def check_noisy_attention(q, k, v, mix, scale, prefix_tokens, grid) -> tuple[Mix
     B, H, N, Dh = q.shape
     if scale is None:
         scale = Dh ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not traced(scale) and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
         raise ConfigError(f"scale must be a finite number or None (for Dh ** -0.5), got {scale!r}")
     prefix_tokens = _prefix_count(prefix_tokens)
     _leaves_patches(prefix_tokens, q, "q", N)

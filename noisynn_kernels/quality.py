@@ -17,6 +17,7 @@ import operator
 
 import torch
 
+from ._checks import traced
 from ._op_codes import KIND_CODES
 from .errors import ConfigError, QualityMatrixError
 
@@ -45,6 +46,8 @@ DEFAULT_ALPHA = 0.3
 def _check_k(k) -> int:
     # operator.index takes Python and NumPy ints and integer 0-d tensors (torch.jit.trace turns sizes
     # into those) and rejects floats and strings; bool is an int subclass but never a size.
+    if traced(k):  # a size traced by torch.compile with dynamic shapes: it is >= 1 by construction
+        return k
     bad = ConfigError(f"k must be a positive int (the number of mixed rows), got {k!r}")
     if isinstance(k, bool):
         raise bad
@@ -59,6 +62,8 @@ def _check_k(k) -> int:
 
 def check_alpha(alpha) -> float:
     """``alpha`` as a float in ``[0, 1]`` (the shift strength); else :class:`ConfigError`."""
+    if traced(alpha):
+        return alpha
     if isinstance(alpha, bool):  # float(True) == 1.0 would pass silently
         raise ConfigError(f"alpha must be a number in [0, 1], got {alpha!r}")
     try:
@@ -193,6 +198,10 @@ def check_structured(kind: str, k: int, alpha: float = DEFAULT_ALPHA, *, dominan
     ``shift``: invertible iff ``(1-a)^k != (-a)^k``; dominant iff ``a <= 0.5`` (for ``k >= 2``).
     ``optimal`` and ``identity`` always pass.
     """
+    if traced(k) or traced(alpha):
+        # torch.compile with dynamic shapes: the closed forms need values; the eager call checked them
+        # (and NoiseConfig checks alpha's dominance bound at construction)
+        return
     k = _check_k(k)
     if kind in ("identity", "optimal"):
         return

@@ -105,6 +105,8 @@ def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str 
 def _draw(shape, draw, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # Half types are drawn in fp32 so a seed gives the same noise whatever the activation dtype.
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    if generator is None:  # (the generator overload takes no symbolic sizes under torch.compile)
+        return draw(shape, device=x.device, dtype=dtype)
     return draw(shape, generator=generator, device=x.device, dtype=dtype)
 
 

@@ -111,3 +111,81 @@ def test_jit_script_of_a_plain_model_is_untouched():
     scripted = torch.jit.script(model)
     with torch.no_grad():
         torch.testing.assert_close(scripted(X), model(X), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# dynamic shapes: no graph break, no recompilation per batch size
+
+
+DYNAMIC_NOISES = [dict(kind="optimal", axis="tokens"), dict(kind="shift", axis="rows"),
+                  dict(kind="optimal", axis="batch", allow_batch_dependence=True),
+                  dict(kind="shift", axis="rows", position="attn_input"),
+                  dict(kind="optimal", axis="tokens", position="attn_output"),
+                  dict(kind="gaussian"), dict(kind="salt_and_pepper")]
+# (a seeded random noise draws from its own torch.Generator, which torch.compile cannot trace: there
+# the graph breaks, see the README's guarantees)
+
+
+def _compiled_over_batches(model, dynamic, batches):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=dynamic, fullgraph=True, backend="eager")
+    outs = []
+    with torch.no_grad():
+        first, rest = batches[:2] if dynamic is None else batches[:1], batches[2:] if dynamic is None else batches[1:]
+        for b in first:  # automatic-dynamic mode: the second size compiles once more, with a dynamic batch
+            outs.append((b, compiled(torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)))))
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for b in rest:
+                outs.append((b, compiled(torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)))))
+    return outs
+
+
+@pytest.mark.parametrize("noise", DYNAMIC_NOISES, ids=lambda n: "-".join(str(v) for v in n.values()))
+@pytest.mark.parametrize("swapped", (False, True))
+@pytest.mark.parametrize("dynamic", (True, None), ids=("dynamic", "automatic"))
+def test_compile_with_dynamic_batch_has_no_graph_break_or_recompile(noise, swapped, dynamic):
+    model = _tiny(noise)
+    if swapped:
+        nk.swap_fused_ops(model)
+    random = noise["kind"] in ("gaussian", "salt_and_pepper")
+    for b, y in _compiled_over_batches(model, dynamic, (2, 3, 5, 7)):
+        assert y.shape == (b, 5)
+        if not random:  # the random kinds draw again each call; the others must match eager exactly
+            with torch.no_grad():
+                expect = model(torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)))
+            torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ("reference", CPU_OP))
+def test_public_ops_compile_with_dynamic_shapes(backend):
+    cfg = nk.NoiseConfig(kind="shift", axis="tokens")
+
+    def f(x, r, q, w):
+        normed, res = nk.mix_add_layernorm(x, r, w, None, mix=cfg, prefix_tokens=1, backend=backend)
+        t = nk.linear_transform_noise(res, "optimal", axis="batch", prefix_tokens=1)
+        a = nk.noisy_attention(q, q, q, mix="optimal", prefix_tokens=1)
+        return normed + t, a
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, generator=g)
+    for i, (B, N) in enumerate(((2, 9), (3, 17), (5, 33))):
+        args = (torch.randn(B, N, 16, generator=g), torch.randn(B, N, 16, generator=g),
+                torch.randn(B, 4, N, 8, generator=g), w)  # sizes distinct at the first call (no duck sizing)
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            got = compiled(*args)
+        for a, e in zip(got, f(*args)):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_export_with_a_dynamic_batch_dim():
+    model = nk.swap_fused_ops(_tiny(dict(kind="optimal", axis="tokens")))
+    batch = torch.export.Dim("batch", min=2, max=64)
+    ep = torch.export.export(model, (torch.randn(4, 3, 32, 32),), dynamic_shapes=({0: batch},))
+    for b in (2, 7):
+        x = torch.randn(b, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    if CPU_OP == "cpu":
+        assert any("mix_add_layernorm_fwd_cpp" in t for t in _targets(ep))
