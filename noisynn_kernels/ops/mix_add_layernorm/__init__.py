@@ -39,9 +39,8 @@ from torch import Tensor
 from ... import quality, reference
 from ..._validate import MixSpec
 from ..common import autocast_off
-from . import cpp
 
-__all__ = ["LAUNCHERS", "launch_reference", "launch_triton"]
+__all__ = ["LAUNCHERS", "launch_reference", "launch_triton", "launch_cpu", "launch_cuda"]
 
 
 def launch_reference(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -65,10 +64,27 @@ def launch_triton(x: Tensor, residual: Tensor | None, weight: Tensor | None, bia
     return launch(x, residual, weight, bias, eps, spec, mix_after_norm)
 
 
+def launch_cpu(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+               spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
+    """The ``cpu`` backend (:func:`.cpp.launch_cpu`); the C++ op's fake and autograd are registered on
+    first use (about 0.1 s, kept out of ``import noisynn_kernels``)."""
+    from .cpp import launch_cpu
+
+    return launch_cpu(x, residual, weight, bias, eps, spec, mix_after_norm)
+
+
+def launch_cuda(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+                spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
+    """The ``cuda`` backend (:func:`.cpp.launch_cuda`), imported on first use as the ``cpu`` one."""
+    from .cpp import launch_cuda
+
+    return launch_cuda(x, residual, weight, bias, eps, spec, mix_after_norm)
+
+
 #: Backend name -> launcher.  Which backends can run here: :func:`noisynn_kernels.backend_info`.
 LAUNCHERS = {
     "reference": launch_reference,
     "triton": launch_triton,
-    "cpu": cpp.launch_cpu,
-    "cuda": cpp.launch_cuda,
+    "cpu": launch_cpu,
+    "cuda": launch_cuda,
 }
