@@ -1,27 +1,32 @@
-"""The fp64 oracle shared by the fused kernels' tests (tests/test_cpu_mix_add_layernorm.py,
-tests/test_cuda_mix_add_layernorm.py, tests/test_triton_mix_add_layernorm.py): inputs, the reference call,
-the tolerance rule and ``run_case``.
+"""The fp64 oracle and the tolerance rule of the fused ops' tests (tests/test_mix_add_layernorm.py,
+tests/test_noisy_attention.py): inputs, the reference call, the tolerance rule and ``run_case``.
 
-Tolerance (flash-attention's rule, not loosened): with ``ref64`` the reference on float64 copies of the
-inputs and ``ref_same`` the reference run in the kernel's dtype on the kernel's device,
-``max|ours - ref64| <= 2 * max|ref_same - ref64| + atol``, atol = 1e-5 (fp32), 1e-3 (fp16), 1e-2 (bf16).
-The same rule is applied to every gradient (dx, dresidual, dweight, dbias), taken by autograd through
-both outputs with random upstream gradients.
+Tolerance (flash-attention's rule, not loosened), written here once: with ``ref64`` the reference on
+float64 copies of the inputs and ``ref_same`` the reference run in the kernel's dtype,
+``max|ours - ref64| <= 2 * max|ref_same - ref64| + atol``, atol = :data:`ATOL` (1e-5 fp32, 1e-3 fp16,
+1e-2 bf16).  The same rule is applied to every gradient, taken by autograd with random upstream
+gradients (for mix_add_layernorm: dx, dresidual, dweight, dbias through both outputs).
 
-A test module makes one :class:`Oracle` for its backend's ``launch`` and device and uses its methods.
+A test makes one :class:`Oracle` for the ``mix_add_layernorm`` backend under test and its device and
+uses its methods.  The kinds and axes are the package's (:data:`KINDS`, :data:`AXES`).
 """
 
 import math
 
 import torch
 
+import noisynn_kernels as nk
 from noisynn_kernels import NoiseConfig, quality, reference
-from noisynn_kernels.functional import check_mix_add_layernorm
+from noisynn_kernels._checks import AXES
+from noisynn_kernels.quality import LINEAR_KINDS as KINDS
 
+__all__ = ["ATOL", "KINDS", "AXES", "ALPHA", "gen", "dense_q", "mixed_k", "make_config", "check", "Oracle"]
+
+#: The absolute term of the tolerance rule, per dtype.
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-KINDS = ("identity", "shift", "optimal", "dense")
-AXES = ("tokens", "rows", "batch")
+#: The shift strength the tests use.
 ALPHA = 0.3
+
 
 def gen(seed):
     """A CPU generator seeded with ``seed``."""
@@ -34,9 +39,17 @@ def dense_q(k, seed=0):
 
 
 def mixed_k(B, N, axis, prefix, grid):
+    """``k``, the rows mixed together along ``axis`` for ``B`` samples of ``N`` tokens (``prefix`` of
+    them not mixed; ``grid`` the ``(gh, gw)`` patch grid of the ``rows`` axis)."""
     if axis == "rows":
         return grid[0]
     return N - prefix if axis == "tokens" else B
+
+
+def make_config(kind, axis, k, *, alpha=ALPHA, seed=0, **kw):
+    """A linear config of ``kind`` on ``axis`` for ``k`` mixed rows (``dense``: :func:`dense_q`)."""
+    Q = dense_q(k, seed) if kind == "dense" else None
+    return NoiseConfig(kind=kind, axis=axis, alpha=alpha, matrix=Q, allow_batch_dependence=True, **kw)
 
 
 def _noncontig(t, layout):
@@ -48,7 +61,7 @@ def _noncontig(t, layout):
 
 
 def check(out, ref64, ref_same, atol, what):
-    """max|out - ref64| <= 2 * max|ref_same - ref64| + atol."""
+    """The tolerance rule: max|out - ref64| <= 2 * max|ref_same - ref64| + atol."""
     assert out.shape == ref64.shape, what
     err = (out.double() - ref64).abs().max().item()
     ref_err = (ref_same.double() - ref64).abs().max().item()
@@ -57,18 +70,18 @@ def check(out, ref64, ref_same, atol, what):
 
 
 class Oracle:
-    """The helpers bound to one backend: ``launch`` (an ``ops.*_mix_add_layernorm.launch``), the device its
-    tensors live on, and the device the references run on (default: the same)."""
+    """The helpers bound to one ``mix_add_layernorm`` backend: its name (``reference``, ``cpu``, ``cuda`` or
+    ``triton``), the device its tensors live on, and the device the references run on (default: the same)."""
 
-    def __init__(self, launch, device, reference_device=None):
-        self.launch, self.device = launch, device
+    def __init__(self, backend, device, reference_device=None):
+        self.backend, self.device = backend, device
         self.reference_device = device if reference_device is None else reference_device
 
-    def fused(self, x, residual, weight, bias, eps=1e-6, *, mix=None, prefix_tokens=0, grid=None,
+    def fused(self, x, residual=None, weight=None, bias=None, eps=1e-6, *, mix=None, prefix_tokens=0, grid=None,
               mix_after_norm=False):
         """The backend under test behind the package's own argument checks: ``(normed, residual_out)``."""
-        spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
-        return self.launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+        return nk.mix_add_layernorm(x, residual, weight, bias, eps, mix=mix, prefix_tokens=prefix_tokens, grid=grid,
+                                    mix_after_norm=mix_after_norm, backend=self.backend)
 
     def make_inputs(self, B, N, D, *, has_res, has_w, has_b, seed=0):
         """``(vals, leaves)``: fp32 values on the CPU and ``leaves(dtype, device=None, contiguous=True)``, the
@@ -99,24 +112,17 @@ class Oracle:
 
         return vals, leaves
 
-    def reference_call(self, t, *, cfg, prefix, grid, mix_after_norm, eps=1e-6):
+    @staticmethod
+    def reference_call(t, *, cfg, prefix, grid, mix_after_norm, eps=1e-6):
+        """:func:`noisynn_kernels.reference.mix_add_layernorm` on the leaves ``t`` with the mix of ``cfg``."""
         k = mixed_k(t["x"].shape[0], t["x"].shape[1], cfg.axis, prefix, grid)
         M = quality.mixing_matrix("dense", k, matrix=cfg.matrix).to(t["x"].device) if cfg.kind == "dense" else None
-        if not cfg.straight_through:
-            return reference.mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], eps, kind=cfg.kind,
-                                               axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix, grid=grid,
-                                               mix_after_norm=mix_after_norm)
-        s = t["x"] if t["residual"] is None else t["x"] + t["residual"]
+        return reference.mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], eps, kind=cfg.kind,
+                                           axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix, grid=grid,
+                                           mix_after_norm=mix_after_norm, straight_through=cfg.straight_through)
 
-        def mix(v):
-            return reference.linear_transform_noise(v, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, M=M,
-                                                    prefix_tokens=prefix, grid=grid, straight_through=True)
-        if mix_after_norm:
-            return mix(reference.layer_norm(s, t["weight"], t["bias"], eps)), s
-        r = mix(s)
-        return reference.layer_norm(r, t["weight"], t["bias"], eps), r
-
-    def grads(self, t, outs, vals, use=("normed", "residual_out")):
+    @staticmethod
+    def grads(t, outs, vals, use=("normed", "residual_out")):
         """Gradients of the leaves ``t`` through the outputs in ``use``, with the fixed upstream gradients."""
         dt, dev = outs[0].dtype, outs[0].device
         loss = 0
@@ -137,8 +143,7 @@ class Oracle:
         if axis == "rows" and grid is None:
             grid = (math.isqrt(n), math.isqrt(n))
         k = mixed_k(B, N, axis, prefix, grid)
-        cfg = NoiseConfig(kind=kind, axis=axis, alpha=alpha, matrix=dense_q(k, seed) if kind == "dense" else None,
-                          allow_batch_dependence=True, straight_through=straight_through)
+        cfg = make_config(kind, axis, k, alpha=alpha, seed=seed, straight_through=straight_through)
         vals, leaves = self.make_inputs(B, N, D, has_res=has_res, has_w=has_w, has_b=has_b, seed=seed)
         atol = ATOL[dtype]
         t = leaves(dtype, contiguous=not noncontig)

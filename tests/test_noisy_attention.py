@@ -1,54 +1,41 @@
-"""Noisy attention (noisynn::noisy_attention_fwd/bwd) vs the oracle :func:`noisynn_kernels.reference.noisy_attention`.
+"""noisynn_kernels.noisy_attention on its backends vs the oracle :func:`noisynn_kernels.reference.noisy_attention`.
 
-Without CUDA the Triton kernels run on CPU in Triton's interpreter: TRITON_INTERPRET=1 is set below, before
-triton or the kernel modules are imported (no bf16 there), so shapes stay small.  With CUDA every test runs
-the compiled kernels, and the GPU-only tests (bf16, torch.compile, full opcheck, speed) run too.
+The backends (the ``backend`` fixture, tests/_backends.py): ``reference`` (``F.scaled_dot_product_attention``
+then the reference mix) and ``triton`` (``noisynn::noisy_attention_fwd/bwd``: on a GPU, or on the CPU in Triton's
+interpreter, which has no bf16, so shapes stay small).  The tests of the Triton ops themselves (registration,
+torch.compile, output layout, speed) run on ``triton`` only; those that need compiled kernels skip under the
+interpreter.
 
-Tolerance (flash-attention's rule): with ``ref64`` the oracle on float64 copies of the inputs and ``ref_same``
-the oracle in the kernel's dtype, ``max|out - ref64| <= 2 * max|ref_same - ref64| + atol`` with atol = 1e-5
-(fp32), 1e-3 (fp16), 1e-2 (bf16); the same for dq, dk, dv (autograd with a random upstream gradient).
+Tolerance: the oracle's rule (tests/_oracle.py), for ``y`` and for dq, dk, dv (autograd with a random upstream
+gradient).
 """
 
-import os
+import importlib
+import math
 
+import pytest
 import torch
+import torch.nn.functional as F
+from _backends import backend_param, backends
+from _oracle import ALPHA, ATOL, AXES, KINDS, check, dense_q, gen, make_config, mixed_k
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of the kernels
+from noisynn_kernels import NoiseConfig, quality, reference
+from noisynn_kernels._op_codes import AXIS_CODES, KIND_CODES
+from noisynn_kernels.errors import BackendUnavailableError, ConfigError, QualityMatrixError, ShapeError
+from noisynn_kernels.functional import backend_for, noisy_attention
 
-import math  # noqa: E402
+#: The backends of the op.
+ALL = ("reference", "triton")
 
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from noisynn_kernels import NoiseConfig, quality, reference  # noqa: E402
-from noisynn_kernels.errors import (BackendUnavailableError, ConfigError, QualityMatrixError,  # noqa: E402
-                                    ShapeError)
-from noisynn_kernels.functional import noisy_attention  # noqa: E402
-from noisynn_kernels.ops import noisy_attention as na  # noqa: E402
-
-from _oracle import check, dense_q, gen as _gen, mixed_k  # noqa: E402
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not na.INTERPRETED:
-    raise RuntimeError("noisynn_kernels.ops.noisy_attention was imported before TRITON_INTERPRET=1 was set, so its "
-                       "kernels cannot run on CPU; set TRITON_INTERPRET=1 before anything imports it")
-
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-KINDS = ("identity", "shift", "optimal", "dense")
-AXES = ("tokens", "rows", "batch")
-ALPHA = 0.3
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def _ops():
+    """``(fwd, bwd)``: the Triton ops (importing their module registers them)."""
+    importlib.import_module("noisynn_kernels.ops.noisy_attention.triton")
+    return torch.ops.noisynn.noisy_attention_fwd, torch.ops.noisynn.noisy_attention_bwd
 
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def make_config(kind, axis, k, *, alpha=ALPHA, seed=0, **kw):
-    Q = dense_q(k, seed) if kind == "dense" else None
-    return NoiseConfig(kind=kind, axis=axis, alpha=alpha, matrix=Q, allow_batch_dependence=True, **kw)
 
 
 class Inputs:
@@ -56,11 +43,11 @@ class Inputs:
     in one dtype, either contiguous or as the strided views of a fused ``(B, N, 3, H, Dh)`` qkv tensor."""
 
     def __init__(self, B, H, N, Dh, seed=0):
-        g = _gen(seed)
+        g = gen(seed)
         self.qkv = torch.randn(B, N, 3, H, Dh, generator=g)
         self.gy = torch.randn(B, H, N, Dh, generator=g)
 
-    def leaves(self, dtype, device=DEVICE, fused=False):
+    def leaves(self, dtype, device, fused=False):
         """``(params, (q, k, v))``: the tensors gradients are taken for, and q, k, v."""
         if fused:
             qkv = self.qkv.to(device=device, dtype=dtype).requires_grad_()
@@ -85,16 +72,19 @@ def grads(params, out, gy):
     return torch.autograd.grad((out * gy.to(device=out.device, dtype=out.dtype)).sum(), params)
 
 
-def run_case(B, H, N, Dh, prefix, kind, axis, dtype, *, grid=None, fused=False, straight_through=False, scale=None,
-             seed=0, backward=True):
+def run_case(backend, B, H, N, Dh, prefix, kind, axis, dtype, *, grid=None, fused=False, straight_through=False,
+             scale=None, seed=0, backward=True):
+    """One case on ``backend``: ``y`` and (``backward``) dq, dk, dv against the fp64 oracle on the CPU, by the
+    tolerance rule."""
+    backend.skip_unless(dtype)
     if axis == "rows" and grid is None:
         side = math.isqrt(N - prefix)
         grid = (side, side)
     cfg = make_config(kind, axis, mixed_k(B, N, axis, prefix, grid), seed=seed, straight_through=straight_through)
     inp = Inputs(B, H, N, Dh, seed)
-    params, qkv = inp.leaves(dtype, fused=fused)
+    params, qkv = inp.leaves(dtype, backend.device, fused=fused)
     y = noisy_attention(*qkv, mix=cfg, scale=scale, prefix_tokens=prefix, grid=grid if axis == "rows" else None,
-                        backend="triton")
+                        backend=backend.name)
     assert y.dtype == dtype and y.shape == (B, H, N, Dh)
     p64, qkv64 = inp.leaves(torch.float64, "cpu", fused=fused)
     ps, qkvs = inp.leaves(dtype, "cpu", fused=fused)
@@ -132,49 +122,57 @@ def _main_cases():
     return cases
 
 
-@pytest.mark.parametrize("N,Dh,prefix,kind,axis,dtype,fused", _main_cases())
-def test_matches_reference(N, Dh, prefix, kind, axis, dtype, fused):
-    run_case(2, 2, N, Dh, prefix, kind, axis, dtype, fused=fused)
+@pytest.mark.parametrize("backend,N,Dh,prefix,kind,axis,dtype,fused",
+                         [backend_param(name, *case.values, id=case.id) for name in ALL for case in _main_cases()],
+                         indirect=["backend"])
+def test_matches_reference(backend, N, Dh, prefix, kind, axis, dtype, fused):
+    run_case(backend, 2, 2, N, Dh, prefix, kind, axis, dtype, fused=fused)
 
 
+@backends(*ALL)
 @pytest.mark.parametrize("kind,axis,Dh", [("optimal", "rows", 64), ("shift", "tokens", 80), ("optimal", "tokens", 128),
                                           ("shift", "rows", 32)])
-def test_vit_token_count(kind, axis, Dh):
+def test_vit_token_count(backend, kind, axis, Dh):
     """N = 197 (1 + 14 x 14): several tiles with a ragged last one; the optimal column partials and the shift
     halo cross tile boundaries."""
-    run_case(1, 2, 197, Dh, 1, kind, axis, torch.float32)
+    run_case(backend, 1, 2, 197, Dh, 1, kind, axis, torch.float32)
 
 
+@backends(*ALL)
 @pytest.mark.parametrize("kind", ("shift", "optimal", "dense"))
 @pytest.mark.parametrize("grid", ((5, 10), (10, 5)))
-def test_non_square_grid(kind, grid):
-    run_case(2, 1, 1 + 50, 32, 1, kind, "rows", torch.float32, grid=grid)
+def test_non_square_grid(backend, kind, grid):
+    run_case(backend, 2, 1, 1 + 50, 32, 1, kind, "rows", torch.float32, grid=grid)
 
 
+@backends(*ALL)
 @pytest.mark.parametrize("kind", ("shift", "optimal", "dense"))
 @pytest.mark.parametrize("B", (1, 3))
-def test_batch_sizes(kind, B):
+def test_batch_sizes(backend, kind, B):
     """Batch axis with k = 1 (the identity) and k = 3 (odd)."""
-    run_case(B, 2, 1 + 20, 32, 1, kind, "batch", torch.float32)
+    run_case(backend, B, 2, 1 + 20, 32, 1, kind, "batch", torch.float32)
 
 
+@backends(*ALL)
 @pytest.mark.parametrize("kind", ("shift", "optimal", "dense"))
-def test_straight_through(kind):
+def test_straight_through(backend, kind):
     """Forward M o, gradient that of plain attention (the reference's o + (M o - o).detach())."""
-    run_case(2, 2, 1 + 24, 32, 1, kind, "tokens", torch.float32, straight_through=True)
+    run_case(backend, 2, 2, 1 + 24, 32, 1, kind, "tokens", torch.float32, straight_through=True)
 
 
-def test_custom_scale():
-    run_case(2, 2, 1 + 24, 32, 1, "optimal", "tokens", torch.float32, scale=0.37)
+@backends(*ALL)
+def test_custom_scale(backend):
+    run_case(backend, 2, 2, 1 + 24, 32, 1, "optimal", "tokens", torch.float32, scale=0.37)
 
 
+@backends(*ALL)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
-def test_no_mix_matches_sdpa(dtype):
+def test_no_mix_matches_sdpa(backend, dtype):
     """mix=None is plain attention: judged against fp64 with SDPA in the same dtype as the yardstick, forward
     and backward."""
     inp = Inputs(2, 3, 45, 64, seed=3)
-    params, qkv = inp.leaves(dtype)
-    y = noisy_attention(*qkv, backend="triton")
+    params, qkv = inp.leaves(dtype, backend.device)
+    y = noisy_attention(*qkv, backend=backend.name)
     p64, qkv64 = inp.leaves(torch.float64, "cpu")
     ps, qkvs = inp.leaves(dtype, "cpu")
     ref64, refs = F.scaled_dot_product_attention(*qkv64), F.scaled_dot_product_attention(*qkvs)
@@ -184,45 +182,49 @@ def test_no_mix_matches_sdpa(dtype):
         check(a.cpu(), b, c, ATOL[dtype], name)
 
 
-def test_mix_coercion():
+@backends(*ALL)
+def test_mix_coercion(backend):
     """mix takes what NoiseConfig.coerce takes: a kind name (default axis tokens) or a dict of fields."""
     inp = Inputs(2, 2, 1 + 16, 32)
-    _, qkv = inp.leaves(torch.float32)
-    a = noisy_attention(*qkv, mix="optimal", prefix_tokens=1, backend="triton")
-    b = noisy_attention(*qkv, mix={"kind": "optimal", "axis": "tokens"}, prefix_tokens=1, backend="triton")
-    c = noisy_attention(*qkv, mix=NoiseConfig(kind="optimal"), prefix_tokens=1, backend="triton")
+    _, qkv = inp.leaves(torch.float32, backend.device)
+    a = noisy_attention(*qkv, mix="optimal", prefix_tokens=1, backend=backend.name)
+    b = noisy_attention(*qkv, mix={"kind": "optimal", "axis": "tokens"}, prefix_tokens=1, backend=backend.name)
+    c = noisy_attention(*qkv, mix=NoiseConfig(kind="optimal"), prefix_tokens=1, backend=backend.name)
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_prefix_tokens_are_not_mixed():
+@backends(*ALL)
+def test_prefix_tokens_are_not_mixed(backend):
     inp = Inputs(2, 2, 3 + 16, 32)
-    _, qkv = inp.leaves(torch.float32)
-    plain = noisy_attention(*qkv, backend="triton")
-    noisy = noisy_attention(*qkv, mix=make_config("optimal", "tokens", 16), prefix_tokens=3, backend="triton")
+    _, qkv = inp.leaves(torch.float32, backend.device)
+    plain = noisy_attention(*qkv, backend=backend.name)
+    noisy = noisy_attention(*qkv, mix=make_config("optimal", "tokens", 16), prefix_tokens=3, backend=backend.name)
     torch.testing.assert_close(noisy[:, :, :3], plain[:, :, :3])
     assert not torch.allclose(noisy[:, :, 3:], plain[:, :, 3:])
 
 
+@backends(*ALL)
 @pytest.mark.parametrize("kind,axis", [("optimal", "batch"), ("shift", "rows"), ("dense", "tokens")])
-def test_deterministic(kind, axis):
-    """Two runs give bitwise-equal outputs and gradients (no atomics anywhere)."""
+def test_deterministic(backend, kind, axis):
+    """Two runs give bitwise-equal outputs and gradients (the Triton kernels use no atomics anywhere)."""
     B, H, N, prefix = 2, 2, 1 + 36, 1
     cfg = make_config(kind, axis, mixed_k(B, N, axis, prefix, (6, 6)))
     inp = Inputs(B, H, N, 32)
     runs = []
     for _ in range(2):
-        params, qkv = inp.leaves(torch.float32)
-        y = noisy_attention(*qkv, mix=cfg, prefix_tokens=prefix, backend="triton")
+        params, qkv = inp.leaves(torch.float32, backend.device)
+        y = noisy_attention(*qkv, mix=cfg, prefix_tokens=prefix, backend=backend.name)
         runs.append((y.detach(),) + grads(params, y, inp.gy))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
-def test_output_layout_and_reference_backend():
+@backends("triton")
+def test_output_layout_and_reference_backend(backend):
     """The triton output is a (B, H, N, Dh) view of a (B, N, H, Dh) buffer (free reshape for the projection);
     the reference backend computes the same values through SDPA."""
     inp = Inputs(2, 2, 1 + 16, 32)
-    _, qkv = inp.leaves(torch.float32)
+    _, qkv = inp.leaves(torch.float32, backend.device)
     cfg = make_config("shift", "rows", 4)
     y = noisy_attention(*qkv, mix=cfg, prefix_tokens=1, backend="triton")
     assert y.transpose(1, 2).is_contiguous()
@@ -230,8 +232,9 @@ def test_output_layout_and_reference_backend():
     torch.testing.assert_close(y.cpu(), r, atol=1e-5, rtol=1e-5)
 
 
-def test_reference_backend_gradients_match_oracle():
-    """The reference path (SDPA + reference mix) is what models run on CPU: check it against the oracle too."""
+@backends("reference")
+def test_reference_backend_gradients_match_oracle(backend):
+    """The reference path (SDPA + reference mix) is what models run on CPU: in fp64 it is the oracle."""
     inp = Inputs(2, 2, 1 + 16, 32)
     cfg = make_config("dense", "batch", 2)
     params, qkv = inp.leaves(torch.float64, "cpu")
@@ -245,67 +248,79 @@ def test_reference_backend_gradients_match_oracle():
 
 def test_automatic_backend_on_cpu_is_reference(monkeypatch):
     monkeypatch.delenv("NOISYNN_BACKEND", raising=False)
-    from noisynn_kernels.functional import _attention_backend
-
-    assert _attention_backend("cpu", None) == "reference"
-    with pytest.raises(BackendUnavailableError, match="no noisy_attention kernels"):
-        noisy_attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), backend="cpu")
+    assert backend_for("noisy_attention", "cpu") == "reference"
+    for name in ("cpu", "cuda"):
+        with pytest.raises(BackendUnavailableError, match="no noisy_attention kernels"):
+            noisy_attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), backend=name)
+    # NOISYNN_BACKEND is a preference: the ops without that backend ignore it
+    monkeypatch.setenv("NOISYNN_BACKEND", "cpu")
+    assert backend_for("noisy_attention", "cpu") == "reference"
+    q = torch.randn(1, 1, 4, 8)
+    torch.testing.assert_close(noisy_attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
 
 
 # --------------------------------------------------------------------------------------------------
 # registration
 
 
-def _op_args(kind, axis="tokens", B=2, H=2, N=1 + 16, Dh=32, prefix=1, requires_grad=False):
-    g = _gen(7)
-    q, k, v = (torch.randn(B, H, N, Dh, generator=g).to(DEVICE).requires_grad_(requires_grad) for _ in range(3))
+def _op_args(kind, axis, device, B=2, H=2, N=1 + 16, Dh=32, prefix=1, requires_grad=False):
+    g = gen(7)
+    q, k, v = (torch.randn(B, H, N, Dh, generator=g).to(device).requires_grad_(requires_grad) for _ in range(3))
     K = mixed_k(B, N, axis, prefix, (4, 4))
-    M = quality.mixing_matrix("dense", K, matrix=dense_q(K)).float().to(DEVICE) if kind == "dense" else None
+    M = quality.mixing_matrix("dense", K, matrix=dense_q(K)).float().to(device) if kind == "dense" else None
     grid_w = 4 if axis == "rows" else 1
-    return (q, k, v, Dh ** -0.5, na.KIND_CODES[kind], na.AXIS_CODES[axis], ALPHA, M, prefix, grid_w)
+    return (q, k, v, Dh ** -0.5, KIND_CODES[kind], AXIS_CODES[axis], ALPHA, M, prefix, grid_w)
 
 
 # test_aot_dispatch_* cannot run in the interpreter (wrap_triton returns a bare InterpretedFunction there, which
-# then runs on FakeTensors); they run on a GPU below.
-CPU_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
+# then runs on FakeTensors); they run on a GPU.
+INTERPRETER_OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor")
+#: The (kind, axis) pairs opcheck runs under the interpreter (every pair on a GPU).
+INTERPRETER_OPCHECK_CASES = (("identity", "tokens"), ("optimal", "rows"), ("shift", "batch"), ("dense", "tokens"))
 
 
-def _opcheck(kind, axis, test_utils):
-    args = _op_args(kind, axis, requires_grad=True)
+@backends("triton")
+@pytest.mark.parametrize("kind,axis", [(k, a) for k in KINDS for a in AXES])
+def test_opcheck(backend, kind, axis):
+    """Every opcheck test (schema, autograd registration, fake tensor, aot_dispatch static and dynamic); under
+    Triton's interpreter the first three, on four (kind, axis) pairs."""
+    kw = {}
+    if backend.interpreted:
+        if (kind, axis) not in INTERPRETER_OPCHECK_CASES:
+            pytest.skip(f"Triton's interpreter is slow: its opcheck runs on {INTERPRETER_OPCHECK_CASES} "
+                        "(every pair on a GPU)")
+        kw = {"test_utils": INTERPRETER_OPCHECK}
+    fwd, bwd = _ops()
+    args = _op_args(kind, axis, backend.device, requires_grad=True)
     fwd_args = args + (False,)
-    torch.library.opcheck(torch.ops.noisynn.noisy_attention_fwd.default, fwd_args, test_utils=test_utils)
+    torch.library.opcheck(fwd.default, fwd_args, **kw)
     with torch.no_grad():
-        y, o, lse = torch.ops.noisynn.noisy_attention_fwd(*fwd_args)
+        y, o, lse = fwd(*fwd_args)
     q, k, v = (t.detach() for t in args[:3])
     saved_o = y if kind == "identity" else o
     bwd_args = (torch.randn_like(y), q, k, v, saved_o, lse) + args[3:]
-    torch.library.opcheck(torch.ops.noisynn.noisy_attention_bwd.default, bwd_args, test_utils=test_utils)
+    torch.library.opcheck(bwd.default, bwd_args, **kw)
 
 
-@pytest.mark.parametrize("kind,axis", [("identity", "tokens"), ("optimal", "rows"), ("shift", "batch"),
-                                       ("dense", "tokens")])
-def test_opcheck(kind, axis):
-    _opcheck(kind, axis, CPU_OPCHECK)
-
-
-def test_fake_shapes():
+@backends("triton")
+def test_fake_shapes(backend):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    fwd, bwd = _ops()
     with FakeTensorMode():
-        q = torch.empty(3, 4, 17, 80, dtype=torch.float16, device=DEVICE)
-        y, o, lse = torch.ops.noisynn.noisy_attention_fwd(q, q, q, 0.1, na.KIND_CODES["optimal"], 0, ALPHA, None, 1,
-                                                          1, False)
+        q = torch.empty(3, 4, 17, 80, dtype=torch.float16, device=backend.device)
+        y, o, lse = fwd(q, q, q, 0.1, KIND_CODES["optimal"], 0, ALPHA, None, 1, 1, False)
         assert y.shape == o.shape == (3, 4, 17, 80) and y.dtype == torch.float16
         assert y.stride() == (17 * 4 * 80, 80, 4 * 80, 1)
         assert lse.shape == (3, 4, 17) and lse.dtype == torch.float32
-        y, o, lse = torch.ops.noisynn.noisy_attention_fwd(q, q, q, 0.1, na.KIND_CODES["identity"], 0, ALPHA, None, 1,
-                                                          1, False)
+        y, o, lse = fwd(q, q, q, 0.1, KIND_CODES["identity"], 0, ALPHA, None, 1, 1, False)
         assert o.numel() == 0
-        dq, dk, dv = torch.ops.noisynn.noisy_attention_bwd(y, q, q, q, y, lse, 0.1, 0, 0, ALPHA, None, 1, 1)
+        dq, dk, dv = bwd(y, q, q, q, y, lse, 0.1, 0, 0, ALPHA, None, 1, 1)
         assert dq.shape == dk.shape == dv.shape == (3, 4, 17, 80)
 
 
-def test_dynamo_keeps_the_op():
+@backends("triton")
+def test_dynamo_keeps_the_op(backend):
     """Dynamo traces the checked entry point with fullgraph=True and keeps the custom op in its graph (no silent
     bypass).  The recording backend runs that graph eagerly, so this runs on CPU; Inductor needs a GPU."""
     B, H, N, prefix = 2, 2, 1 + 16, 1
@@ -321,8 +336,8 @@ def test_dynamo_keeps_the_op():
 
     torch._dynamo.reset()
     inp = Inputs(B, H, N, 32)
-    pe, qkv_e = inp.leaves(torch.float32)
-    pc, qkv_c = inp.leaves(torch.float32)
+    pe, qkv_e = inp.leaves(torch.float32, backend.device)
+    pc, qkv_c = inp.leaves(torch.float32, backend.device)
     eager = f(*qkv_e)
     comp = torch.compile(f, backend=recording_backend, fullgraph=True)(*qkv_c)
     assert torch.ops.noisynn.noisy_attention_fwd.default in targets, "the compiled graph bypassed the op"
@@ -335,52 +350,61 @@ def test_dynamo_keeps_the_op():
 # argument checking
 
 
-def test_errors():
-    q = torch.randn(2, 2, 5, 8, device=DEVICE)
+@backends(*ALL)
+def test_errors(backend):
+    """The package's checks, the same on every backend."""
+    q = torch.randn(2, 2, 5, 8, device=backend.device)
+
+    def call(*args, **kw):
+        return noisy_attention(*args, backend=backend.name, **kw)
+
     with pytest.raises(ShapeError, match=r"\(B, H, N, Dh\).*rank 3"):
-        noisy_attention(q[0], q[0], q[0], backend="triton")
+        call(q[0], q[0], q[0])
     with pytest.raises(ShapeError, match="k has shape"):
-        noisy_attention(q, q[:, :, :4], q, backend="triton")
+        call(q, q[:, :, :4], q)
     with pytest.raises(ShapeError, match="v has dtype"):
-        noisy_attention(q, q, q.double(), backend="triton")
+        call(q, q, q.double())
     with pytest.raises(ShapeError, match="floating-point"):
-        noisy_attention(q.long(), q.long(), q.long(), backend="triton")
+        call(q.long(), q.long(), q.long())
     with pytest.raises(ShapeError, match="empty"):
-        noisy_attention(q[:, :0], q[:, :0], q[:, :0], backend="triton")
+        call(q[:, :0], q[:, :0], q[:, :0])
     with pytest.raises(ShapeError, match="must be a torch.Tensor"):
-        noisy_attention(q, None, q, backend="triton")
+        call(q, None, q)
+    with pytest.raises(ConfigError, match="scale"):
+        call(q, q, q, scale=float("nan"))
+    with pytest.raises(ConfigError, match="prefix_tokens must be an int"):
+        call(q, q, q, prefix_tokens=-1)
+    with pytest.raises(ShapeError, match="prefix_tokens = 5 leaves no patch tokens"):
+        call(q, q, q, prefix_tokens=5)
+    with pytest.raises(ConfigError, match="linear transform noise"):
+        call(q, q, q, mix=NoiseConfig(kind="gaussian"))
+    with pytest.raises(ShapeError, match="not a square"):
+        call(q, q, q, mix=NoiseConfig(kind="shift", axis="rows"))
+    with pytest.raises(ShapeError, match="does not match"):
+        call(q, q, q, mix=NoiseConfig(kind="shift", axis="rows"), prefix_tokens=1, grid=(3, 2))
+    with pytest.raises(ShapeError, match=r"expected \(4, 4\)"):
+        call(q, q, q, mix=NoiseConfig(kind="dense", matrix=dense_q(3)), prefix_tokens=1)
+    with pytest.raises(QualityMatrixError, match="not invertible"):
+        call(q, q, q, mix=NoiseConfig(kind="shift", alpha=0.5), prefix_tokens=1)
+
+
+@backends("triton")
+def test_triton_limits(backend):
+    """The Triton kernels' own limits: their dtypes, Dh <= 128, a dense matrix that is a constant; Triton's
+    interpreter has no bfloat16."""
+    q = torch.randn(2, 2, 5, 8, device=backend.device)
     with pytest.raises(ShapeError, match="dtype torch.float64"):
         noisy_attention(q.double(), q.double(), q.double(), backend="triton")
+    big = torch.randn(1, 1, 4, 160, device=backend.device)
     with pytest.raises(ShapeError, match=r"Dh = 160 is too large"):
-        big = torch.randn(1, 1, 4, 160, device=DEVICE)
         noisy_attention(big, big, big, backend="triton")
-    with pytest.raises(ConfigError, match="scale"):
-        noisy_attention(q, q, q, scale=float("nan"), backend="triton")
-    with pytest.raises(ConfigError, match="prefix_tokens must be an int"):
-        noisy_attention(q, q, q, prefix_tokens=-1, backend="triton")
-    with pytest.raises(ShapeError, match="prefix_tokens = 5 leaves no patch tokens"):
-        noisy_attention(q, q, q, prefix_tokens=5, backend="triton")
-    with pytest.raises(ConfigError, match="linear transform noise"):
-        noisy_attention(q, q, q, mix=NoiseConfig(kind="gaussian"), backend="triton")
-    with pytest.raises(ShapeError, match="not a square"):
-        noisy_attention(q, q, q, mix=NoiseConfig(kind="shift", axis="rows"), backend="triton")
-    with pytest.raises(ShapeError, match="does not match"):
-        noisy_attention(q, q, q, mix=NoiseConfig(kind="shift", axis="rows"), prefix_tokens=1, grid=(3, 2),
-                        backend="triton")
-    with pytest.raises(ShapeError, match=r"expected \(4, 4\)"):
-        noisy_attention(q, q, q, mix=NoiseConfig(kind="dense", matrix=dense_q(3)), prefix_tokens=1, backend="triton")
-    with pytest.raises(QualityMatrixError, match="not invertible"):
-        noisy_attention(q, q, q, mix=NoiseConfig(kind="shift", alpha=0.5), prefix_tokens=1, backend="triton")
     with pytest.raises(ConfigError, match="requires grad"):
         noisy_attention(q, q, q, mix=NoiseConfig(kind="dense", matrix=dense_q(4).requires_grad_()), prefix_tokens=1,
                         backend="triton")
-
-
-@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter-only limits")
-def test_interpreter_limits():
-    q = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
-    with pytest.raises(BackendUnavailableError, match="bfloat16"):
-        noisy_attention(q, q, q, backend="triton")
+    if backend.interpreted:
+        qb = torch.randn(1, 1, 4, 8, dtype=torch.bfloat16)
+        with pytest.raises(BackendUnavailableError, match="bfloat16"):
+            noisy_attention(qb, qb, qb, backend="triton")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,38 +427,34 @@ def test_bench_attention_rows():
     assert "noisynn" not in rows[0]["competitors"] and "interpreter" in rows[0]["skipped"]["noisynn"]
 
 
+
+
 # --------------------------------------------------------------------------------------------------
-# GPU only
+# larger shapes and compiled kernels (GPU)
 
 
-@gpu
-@needs_cuda
+@backends(*ALL)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("axis", AXES)
-def test_bf16_matches_reference(kind, axis):
-    run_case(2, 3, 1 + 196, 64, 1, kind, axis, torch.bfloat16, fused=True)
+def test_bf16_matches_reference(backend, kind, axis):
+    run_case(backend, 2, 3, 1 + 196, 64, 1, kind, axis, torch.bfloat16, fused=True)
 
 
-@gpu
-@needs_cuda
+@backends("triton")
 @pytest.mark.parametrize("Dh", (32, 64, 80, 128))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.float32))
-def test_head_dims_gpu(Dh, dtype):
-    run_case(2, 4, 1 + 196, Dh, 1, "optimal", "rows", dtype)
+def test_head_dims(backend, Dh, dtype):
+    """Every head-dim block at N = 197 with the compiled kernels' tiles."""
+    backend.skip_if_interpreted("too slow there; test_vit_token_count runs N = 197 under the interpreter")
+    run_case(backend, 2, 4, 1 + 196, Dh, 1, "optimal", "rows", dtype)
 
 
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("kind,axis", [(k, a) for k in KINDS for a in AXES])
-def test_opcheck_full_gpu(kind, axis):
-    _opcheck(kind, axis, CPU_OPCHECK + ("test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
-
-
-@gpu
-@needs_cuda
+@pytest.mark.gpu
+@backends("triton")
 @pytest.mark.parametrize("kind,axis", [("optimal", "tokens"), ("shift", "rows"), ("dense", "batch")])
-def test_torch_compile(kind, axis):
+def test_torch_compile(backend, kind, axis):
     """torch.compile (Inductor, fullgraph) keeps the op and matches eager in fp16, forward and backward."""
+    backend.skip_if_interpreted("Inductor's lowering of a Triton op needs compiled kernels (a GPU)")
     B, H, N, prefix = 3, 4, 1 + 196, 1
     cfg = make_config(kind, axis, mixed_k(B, N, axis, prefix, (14, 14)))
 
@@ -443,8 +463,8 @@ def test_torch_compile(kind, axis):
 
     torch._dynamo.reset()
     inp = Inputs(B, H, N, 64)
-    pe, qkv_e = inp.leaves(torch.float16, fused=True)
-    pc, qkv_c = inp.leaves(torch.float16, fused=True)
+    pe, qkv_e = inp.leaves(torch.float16, backend.device, fused=True)
+    pc, qkv_c = inp.leaves(torch.float16, backend.device, fused=True)
     eager = f(*qkv_e)
     comp = torch.compile(f, fullgraph=True)(*qkv_c)
     torch.testing.assert_close(comp, eager, atol=1e-3, rtol=1e-3)
@@ -452,12 +472,13 @@ def test_torch_compile(kind, axis):
         torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-3)
 
 
-@gpu
-@needs_cuda
-def test_speed_vs_sdpa_and_eager_mix():
+@pytest.mark.gpu
+@backends("triton")
+def test_speed_vs_sdpa_and_eager_mix(backend):
     """At ViT-B/16 shape in fp16 the fused op is not slower than SDPA followed by the public-code (dense) mix,
     and within about 3x of SDPA alone (ratios measured interleaved).  Loose bounds: they catch a pathological
     kernel, not a few percent."""
+    backend.skip_if_interpreted("timing the interpreter means nothing (a GPU)")
     from noisynn_kernels.bench.attention import bench_attention
 
     rows = bench_attention("cuda", torch.float16, shapes=[(64, 12, 197, 64)], warmup=5, iters=30,

@@ -52,6 +52,7 @@ def setup_context(ctx, inputs, output):
     ctx.save_for_backward(residual_out, weight, mean, rstd, mix_matrix)
     ctx.has_residual = residual is not None
     ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype  # dbias in bias's own dtype (weight's may differ)
     ctx.kind = KIND_CODES["identity"] if straight_through else kind  # forward M x, gradient the identity
     ctx.axis, ctx.alpha, ctx.prefix_tokens, ctx.grid_w = axis, alpha, prefix_tokens, grid_w
     ctx.mix_after_norm = mix_after_norm
@@ -72,7 +73,7 @@ def make_backward(bwd_op: Callable) -> Callable:
         d_x = dx if need[0] else None
         d_res = dx if ctx.has_residual and need[1] else None
         d_w = dw.to(weight.dtype) if weight is not None and need[2] else None
-        d_b = db.to(residual_out.dtype if weight is None else weight.dtype) if ctx.has_bias and need[3] else None
+        d_b = db.to(ctx.bias_dtype) if ctx.has_bias and need[3] else None
         return d_x, d_res, d_w, d_b, None, None, None, None, None, None, None, None, None
 
     return backward
