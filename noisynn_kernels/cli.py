@@ -108,13 +108,13 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="print the report as JSON instead of the table")
     k.add_argument("--all", action="store_true", help="list every variant in the table, not only those over a limit")
     k.add_argument("--out", default=None, metavar="FILE",
-                   help="also write the report: FILE.json (JSON), another name (the table with every variant), "
-                        "or an existing directory (report.json and report.txt)")
+                   help="also write the report: FILE.json (JSON, every variant), any other name (the table), or "
+                        "an existing directory (report.json and report.txt)")
     k.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
 
-def _kernels(args) -> int:
+def _kernels(args, argv: list[str]) -> int:
     import os
 
     from . import kernel_report  # imports nothing heavy: Triton is imported by run()
@@ -128,11 +128,15 @@ def _kernels(args) -> int:
                   file=sys.stderr)
             return 2
         targets.append(name)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not any(
-            m.startswith("noisynn_kernels.triton") for m in sys.modules):
-        # the report compiles real kernels: Triton reads TRITON_INTERPRET when the kernels are defined
-        print("noisynn kernels: ignoring TRITON_INTERPRET=1 (the report compiles real kernels)", file=sys.stderr)
-        os.environ["TRITON_INTERPRET"] = "0"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # The report compiles real kernels, and Triton decides interpreter or compiler when a kernel (its
+        # own library included, imported with torch) is defined: run it in a fresh process without it.
+        import subprocess
+
+        print("noisynn kernels: running in a subprocess with TRITON_INTERPRET=0 (the report compiles real "
+              "kernels)", file=sys.stderr)
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        return subprocess.run([sys.executable, "-m", "noisynn_kernels.cli", "kernels", *argv], env=env).returncode
 
     def progress(msg):
         if not args.quiet:
@@ -144,10 +148,9 @@ def _kernels(args) -> int:
         print(f"noisynn kernels: {e}", file=sys.stderr)
         return 2
     if args.out:
-        paths = kernel_report.write(report, args.out)
+        paths = kernel_report.write(report, args.out, all_variants=args.all)
         progress("wrote " + ", ".join(paths))
-    print(json.dumps(report, indent=1, default=str) if args.json else
-          kernel_report.format_table(report, all_variants=args.all))
+    print(kernel_report.dumps(report) if args.json else kernel_report.format_table(report, all_variants=args.all))
     return kernel_report.exit_code(report)
 
 
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "audit":
         return _audit(args)
     if args.command == "kernels":
-        return _kernels(args)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        return _kernels(args, argv[argv.index("kernels") + 1:])
 
     from .bench import BenchOptions, format_table, run
     from .errors import NoisyNNError

@@ -32,9 +32,9 @@ LAYERS = (
     (9, ("nn",)),
     (10, ("models",)),
     (11, ("",)),  # the package root (__init__)
-    (12, ("analysis", "audit", "bench", "train", "cli", "_progress")),
+    (12, ("analysis", "audit", "bench", "train", "cli", "_progress", "kernel_report")),
 )
-TOOLS = ("analysis", "audit", "bench", "train", "cli", "_progress")
+TOOLS = ("analysis", "audit", "bench", "train", "cli", "_progress", "kernel_report")
 
 
 def _modules():
