@@ -13,10 +13,10 @@ from torch import Tensor
 from .. import quality
 from .._op_codes import AXIS_CODES, KIND_CODES
 from .._validate import MixSpec
-from ..errors import ConfigError
+from ..errors import BackendUnavailableError, ConfigError
 
-__all__ = ["KIND_CODES", "AXIS_CODES", "MixArgs", "mix_args", "dense_mix_matrix", "device_guard", "autocast_cast",
-           "autocast_off"]
+__all__ = ["KIND_CODES", "AXIS_CODES", "MixArgs", "mix_args", "dense_mix_matrix", "check_triton_device",
+           "device_guard", "autocast_cast", "autocast_off"]
 
 
 class MixArgs(NamedTuple):
@@ -74,6 +74,18 @@ def mix_args(spec: MixSpec, device: torch.device) -> MixArgs:
     grid_w = spec.grid[1] if spec.grid is not None else 1
     return MixArgs(KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha), dense_mix_matrix(spec, device),
                    spec.prefix_tokens, grid_w)
+
+
+def check_triton_device(t: Tensor, name: str, op: str, interpreted: bool) -> None:
+    """The device and dtype limits every ``triton`` launcher shares: CUDA tensors, or CPU tensors under
+    Triton's interpreter (``interpreted``), which has no bfloat16."""
+    if t.device.type != "cuda" and not (interpreted and t.device.type == "cpu"):
+        raise BackendUnavailableError(
+            f"the triton {op} needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before triton is "
+            f"imported), got {name} on {t.device}")
+    if interpreted and t.dtype == torch.bfloat16:
+        raise BackendUnavailableError(f"Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got {name} of "
+                                      "dtype torch.bfloat16, expected float16 or float32")
 
 
 def device_guard(x: Tensor):

@@ -23,9 +23,9 @@ from torch.library import triton_op, wrap_triton
 from ..._ext import triton_interpreted
 from ..._op_codes import AXIS_CODES, KIND_CODES
 from ..._validate import MixSpec
-from ...errors import BackendUnavailableError, ShapeError
+from ...errors import ShapeError
 from ...triton import mix_layernorm as kernels
-from ..common import device_guard
+from ..common import check_triton_device, device_guard
 from .common import bwd_fake, fwd_fake, make_backward, run_fwd, setup_context
 
 __all__ = ["launch", "mix_add_layernorm_fwd", "mix_add_layernorm_bwd", "INTERPRETED", "SUPPORTED_DTYPES"]
@@ -224,11 +224,5 @@ def launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias
     if triton.next_power_of_2(D) * x.element_size() > _MAX_ROW_BYTES:
         raise ShapeError(f"D = {D} is too large: a row of next_power_of_2(D) = {triton.next_power_of_2(D)} "
                          f"{x.dtype} elements exceeds {_MAX_ROW_BYTES} bytes (one row is one block)")
-    if x.device.type != "cuda" and not (INTERPRETED and x.device.type == "cpu"):
-        raise BackendUnavailableError(
-            f"the triton mix_add_layernorm needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set "
-            f"before triton is imported), got x on {x.device}")
-    if INTERPRETED and x.dtype == torch.bfloat16:
-        raise BackendUnavailableError("Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got x of dtype "
-                                      "torch.bfloat16, expected float16 or float32")
+    check_triton_device(x, "x", "mix_add_layernorm", INTERPRETED)
     return run_fwd(mix_add_layernorm_fwd, x, residual, weight, bias, eps, spec, mix_after_norm)

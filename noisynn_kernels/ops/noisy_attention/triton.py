@@ -41,9 +41,9 @@ from torch.library import triton_op, wrap_triton
 
 from ..._op_codes import AXIS_CODES, KIND_CODES
 from ..._validate import MixSpec
-from ...errors import BackendUnavailableError, ShapeError
+from ...errors import ShapeError
 from ...triton import attention as kernels
-from ..common import device_guard, mix_args
+from ..common import check_triton_device, device_guard, mix_args
 
 __all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "MAX_HEAD_DIM", "INTERPRETED", "SUPPORTED_DTYPES"]
 
@@ -327,12 +327,6 @@ def launch(q: Tensor, k: Tensor, v: Tensor, scale: float, spec: MixSpec) -> Tens
     if D > MAX_HEAD_DIM:
         raise ShapeError(f"head dim Dh = {D} is too large for the triton noisy_attention; expected Dh <= "
                          f"{MAX_HEAD_DIM} (use backend='reference')")
-    if q.device.type != "cuda" and not (INTERPRETED and q.device.type == "cpu"):
-        raise BackendUnavailableError(
-            f"the triton noisy_attention needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-            f"triton is imported), got q on {q.device}")
-    if INTERPRETED and q.dtype == torch.bfloat16:
-        raise BackendUnavailableError("Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16; got q of dtype "
-                                      "torch.bfloat16, expected float16 or float32")
+    check_triton_device(q, "q", "noisy_attention", INTERPRETED)
     y, _, _ = noisy_attention_fwd(q, k, v, float(scale), *mix_args(spec, q.device), bool(spec.cfg.straight_through))
     return y
