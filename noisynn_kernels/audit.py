@@ -46,7 +46,7 @@ from .errors import ConfigError
 from .models import apply_noisynn, model_blocks
 
 __all__ = ["AuditOptions", "MODEL", "load_digits_split", "make_model", "conditions", "run", "write_report",
-           "write_plots"]
+           "write_plots", "FolderAuditOptions", "run_folder", "write_folder_report", "write_folder_plots"]
 
 #: The model of the experiment: keyword arguments of ``timm.create_model``.
 MODEL: dict[str, Any] = dict(model_name="noisy_vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1,
@@ -211,7 +211,8 @@ _DESCRIPTIONS = {
     "official": "official ViT protocol: optimal Q across the batch on LN-1 output of the last block, "
                 "eval only (no-noise weights); batch-dependent, explicit opt-in",
     "gaussian": "x + 0.1 N(0, 1), last block input (class token untouched), train + eval",
-    "salt_and_pepper": "p = 0.1 to each sample's own max / min, last block input (class token untouched), train + eval",
+    "salt_and_pepper": "p = 0.1 to each sample's own max / min (the default range), last block input (class token "
+                       "untouched), train + eval",
 }
 
 
@@ -397,8 +398,10 @@ def _run(opts: AuditOptions) -> dict:
             "floor_n_argmax_changed": _mean_std([r["floor"]["n_argmax_changed"] for r in rs]),
             "tolerance": max(r["tolerance"] for r in rs),
             "stochastic": any(r["stochastic"] for r in rs),
-            "batch_dependent": (None if any(r["stochastic"] for r in rs)
+            "batch_dependent": (None if any(r["batch_dependent"] is None for r in rs)
                                 else any(r["batch_dependent"] for r in rs)),
+            "paired_max_logit_diff": (None if any(r.get("paired") is None for r in rs)
+                                      else max(r["paired"]["max_logit_diff"] for r in rs)),
             "final_train_loss": _mean_std([r["train_loss"][-1] if r["train_loss"] else math.nan for r in rs]),
         }
     result = {
@@ -456,8 +459,22 @@ def _pp(s: dict[str, float]) -> str:
 
 def _verdict(s: dict) -> str:
     if s["stochastic"]:
-        return "random (see floor)"
+        if s.get("batch_dependent") is None:
+            return "random (see floor)"
+        return "**yes** (same draws)" if s["batch_dependent"] else "no (same draws)"
     return "**yes**" if s["batch_dependent"] else "no"
+
+
+def _same_draws_note(sm: dict) -> str:
+    """The report's sentence on the same-draw comparison of the random noises ('' when none was made)."""
+    rows = [n for n in sm if sm[n]["stochastic"] and sm[n].get("paired_max_logit_diff") is not None]
+    if not rows:
+        return ""
+    return ("With the same noise drawn for every image (the random streams restarted before each batch; each image "
+            "keeps its slot in a class-sorted batch while its batch mates are exchanged), the largest logit change "
+            "is " + "; ".join(f"`{n}` {sm[n]['paired_max_logit_diff']:.2e}" for n in rows)
+            + ": that comparison, not the floor, says whether the noise reads the rest of the batch "
+              "(*(same draws)* in the table).")
 
 
 def _interpretation(result: dict) -> list[str]:
@@ -498,15 +515,20 @@ def _interpretation(result: dict) -> list[str]:
            if abs(deltas[best]) <= 2 * max(spreads) else f"{best} differs by more than two seed spreads. "))
     for n in ("gaussian", "salt_and_pepper"):
         s = sm[n]
+        same = s.get("paired_max_logit_diff")
         lines.append(
             f"- **{n}** (random, on at evaluation): accuracy sorted/shuffled/single "
             + "/".join(_pct(s["accuracy"][o], False) for o in ORDERINGS)
             + f"%. Two passes over identical batches already change up to {s['floor_max_logit_diff']:.2g} in a logit "
               f"(about {s['floor_n_argmax_changed']['mean']:.0f} prediction(s)), so per-sample differences between "
-              "orderings cannot be blamed on the batch; the accuracies are what to compare."
-            + (" Salt-and-pepper's default high/low values are the batch maximum and minimum, so it does read the "
-               "batch; this audit does not separate that from the draw-to-draw randomness."
-               if n == "salt_and_pepper" else ""))
+              "orderings cannot be blamed on the batch. "
+            + ("With the same draw for every image and other batch mates, no logit moved by more than "
+               f"{same:.1e} (tolerance {s['tolerance']:.0e}): batch-independent"
+               + (", as each sample's own range (the default) makes salt-and-pepper" if n == "salt_and_pepper" else "")
+               + "." if same is not None and not s["batch_dependent"] else
+               f"With the same draw for every image and other batch mates, logits moved by up to {same:.2g}: the "
+               "noise reads the rest of the batch." if same is not None else
+               "The same-draw comparison was not possible; the accuracies are what to compare."))
     sw = result["batch_size_sweep"]["official"]
     rng = {o: [100 * v["mean"] for v in sw[o].values()] for o in ("sorted", "shuffled")}
     lines.append(
@@ -625,7 +647,7 @@ def write_report(result: dict, out_dir: str) -> str:
     L.append("Random noises draw new values on every pass: two passes over *identical* batches already differ "
              "(floor): " + "; ".join(f"`{n}` max |Δ logit| {sm[n]['floor_max_logit_diff']:.2e}, "
                                     f"{sm[n]['floor_n_argmax_changed']['mean']:.1f} predictions changed"
-                                    for n in sm if sm[n]["stochastic"]) + ".\n")
+                                    for n in sm if sm[n]["stochastic"]) + ". " + _same_draws_note(sm) + "\n")
     L.append("![accuracy by ordering](accuracy_by_ordering.png)\n")
     L.append("## Interpretation\n")
     L.extend(_interpretation(result))
@@ -721,25 +743,8 @@ def write_plots(result: dict, out_dir: str) -> list[str]:
     sm = result["summary"]
     paths = []
 
-    names = list(sm)
-    fig, ax = plt.subplots(figsize=(10, 4.6))
-    width = 0.8 / len(ORDERINGS)
-    for j, o in enumerate(ORDERINGS):
-        xs = [i + (j - 1) * width for i in range(len(names))]
-        ax.bar(xs, [100 * sm[n]["accuracy"][o]["mean"] for n in names], width,
-               yerr=[100 * sm[n]["accuracy"][o]["std"] for n in names], capsize=2,
-               label={"single": "batch size 1"}.get(o, f"{o} batches of {result['options']['eval_batch_size']}"),
-               color=_ORDER_COLORS[o])
-    lo = min(100 * sm[n]["accuracy"][o]["mean"] for n in names for o in ORDERINGS)
-    ax.set_ylim(max(0.0, lo - 10), 100)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"NoisyViT test accuracy by batch ordering (mean ± std over seeds)\n{sub}", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    paths.append(_save(fig, plt, out_dir, "accuracy_by_ordering.png"))
+    paths.append(_plot_accuracy(plt, sm, result["options"]["eval_batch_size"], "NoisyViT test accuracy by batch "
+                                "ordering (mean ± std over seeds)", sub, out_dir))
 
     sw = result["batch_size_sweep"]
     fig, ax = plt.subplots(figsize=(6.5, 4.3))
@@ -802,8 +807,425 @@ def write_plots(result: dict, out_dir: str) -> list[str]:
     return paths
 
 
+def _plot_accuracy(plt, sm: dict, eval_batch_size: int, title: str, sub: str, out_dir: str) -> str:
+    """``accuracy_by_ordering.png``: one group of bars per condition, one bar per ordering."""
+    names = list(sm)
+    fig, ax = plt.subplots(figsize=(max(6.0, min(10.0, 2 + 1.1 * len(names))), 4.6))
+    width = 0.8 / len(ORDERINGS)
+    for j, o in enumerate(ORDERINGS):
+        xs = [i + (j - 1) * width for i in range(len(names))]
+        ax.bar(xs, [100 * sm[n]["accuracy"][o]["mean"] for n in names], width,
+               yerr=[100 * sm[n]["accuracy"][o]["std"] for n in names], capsize=2,
+               label={"single": "batch size 1"}.get(o, f"{o} batches of {eval_batch_size}"),
+               color=_ORDER_COLORS[o])
+    lo = min(100 * sm[n]["accuracy"][o]["mean"] for n in names for o in ORDERINGS)
+    ax.set_ylim(max(0.0, lo - 10), 100)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{title}\n{sub}", fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, plt, out_dir, "accuracy_by_ordering.png")
+
+
 def _save(fig, plt, out_dir: str, name: str) -> str:
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# the audit of a user's model on a user's image folder
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class FolderAuditOptions:
+    """What ``noisynn audit --data DIR`` runs (the CLI flags map one to one).
+
+    Attributes:
+        data: the image folder (one sub-folder per class), streamed through timm's evaluation transform.
+        model: timm model name (a registered ``noisy_*`` name or any timm model); ``None``: the checkpoint's.
+        checkpoint: a ``noisynn train`` checkpoint, or a plain ``state_dict`` (also under a ``model`` or
+            ``state_dict`` key) of ``model``; loaded with ``strict=True``.  ``None``: ``pretrained`` weights,
+            or (a smoke test only) the random initial weights.
+        pretrained: start from timm's pretrained weights (when no checkpoint is given).
+        out: output directory.
+        img_size: input size (default: the checkpoint's, else the model's own).
+        model_kwargs: extra ``timm.create_model`` arguments (a checkpoint's own are used when it has them).
+        noises: extra conditions: NoiseConfig / dict / ``--noise`` text, each evaluated on the same weights
+            (a batch-dependent one needs its explicit ``allow_batch_dependence=true``).
+        official: also evaluate the official batch-axis protocol (eval-only, explicit opt-in).
+        batch_size: batch size of the sorted and shuffled orderings (the official loader uses 10).
+        batch_sizes: evaluation batch sizes of the official-protocol sweep (empty: no sweep).
+        max_images: a stratified subset of at most this many images (``None``: all).
+        seed: seed of the shuffled ordering and the subset.
+        workers: DataLoader worker processes reading the images.
+        bad_images: ``stop`` or ``skip`` (see :func:`~noisynn_kernels.analysis.scan_image_folder`).
+        device: ``auto``, ``cpu``, ``cuda``...
+        threads: ``torch.set_num_threads`` for the run (``None``: torch's setting).
+        quiet: no progress display.
+    """
+
+    data: str
+    model: str | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    out: str = "audit-results"
+    img_size: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    noises: tuple = ()
+    official: bool = True
+    batch_size: int = 10
+    batch_sizes: tuple[int, ...] = (2, 10, 50)
+    max_images: int | None = None
+    seed: int = 0
+    workers: int = 0
+    bad_images: str = "stop"
+    device: str = "auto"
+    threads: int | None = None
+    quiet: bool = False
+
+
+def _load_checkpoint(path: str) -> dict:
+    """A checkpoint as ``{"model": state_dict, ...}``: a ``noisynn train`` checkpoint, or a plain state dict
+    (possibly under ``state_dict`` / ``model``)."""
+    from .train import CHECKPOINT_FORMAT
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"--checkpoint {path!r} is not a file; expected a noisynn train checkpoint.pt or a "
+                          "state_dict saved with torch.save")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (any unpickling failure)
+        raise ConfigError(f"--checkpoint {path!r} could not be read: {e}") from None
+    if isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT:
+        return ckpt
+    if isinstance(ckpt, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(ckpt.get(key), dict):
+                return {"model": ckpt[key]}
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return {"model": ckpt}
+    raise ConfigError(f"--checkpoint {path!r} holds no state_dict; expected a noisynn train checkpoint or a "
+                      "state_dict (a dict of tensors, possibly under 'state_dict' or 'model')")
+
+
+def _subset_index(index, n: int | None, seed: int):
+    """At most ``n`` images of a FolderIndex, every class in proportion (at least one each), seeded."""
+    from .analysis import FolderIndex
+
+    if n is None or n >= len(index.samples):
+        return index
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, (_, t) in enumerate(index.samples):
+        by_class.setdefault(t, []).append(i)
+    keep = []
+    for idx in by_class.values():
+        k = max(1, round(n * len(idx) / len(index.samples)))
+        perm = torch.randperm(len(idx), generator=g)[:k]
+        keep.extend(idx[int(j)] for j in perm)
+    keep.sort()
+    return FolderIndex(root=index.root, classes=index.classes, samples=[index.samples[i] for i in keep],
+                       skipped=index.skipped, ignored=index.ignored)
+
+
+def _official_for(model) -> NoiseConfig:
+    from .models import model_family
+
+    if model_family(model) == "vit":
+        return NoiseConfig.official_vit(allow_batch_dependence=True)
+    return NoiseConfig.official_cnn(allow_batch_dependence=True)
+
+
+def run_folder(opts: FolderAuditOptions) -> dict:
+    """Audit a model on an image folder: every condition (no noise, each of ``opts.noises``, the official
+    protocol, and the checkpoint's own training noise) evaluated on the same weights under class-sorted
+    batches, shuffled batches and batch size 1
+    (:func:`~noisynn_kernels.analysis.batch_dependence`, streaming the folder), plus the official
+    protocol's accuracy by evaluation batch size.  Writes ``report.md``, ``audit.json`` and PNG plots into
+    ``opts.out``; returns the result dict (with ``paths``)."""
+    threads_before = torch.get_num_threads()
+    if opts.threads is not None:
+        if isinstance(opts.threads, bool) or not isinstance(opts.threads, int) or opts.threads < 1:
+            raise ConfigError(f"threads must be an int >= 1 or None, got {opts.threads!r}")
+        torch.set_num_threads(opts.threads)
+    try:
+        return _run_folder(opts)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_folder(opts: FolderAuditOptions) -> dict:
+    from torch.utils.data import DataLoader
+
+    from .models import apply_noisynn, noise_config, remove_noisynn
+    from .train import CHECKPOINT_FORMAT, create_model, parse_noise
+
+    t_start = time.perf_counter()
+    for name, value, lo in (("batch_size", opts.batch_size, 1), ("seed", opts.seed, 0), ("workers", opts.workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise ConfigError(f"{name} must be an int >= {lo}, got {value!r}")
+    if any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in opts.batch_sizes):
+        raise ConfigError(f"batch_sizes must be ints >= 1, got {opts.batch_sizes!r}")
+    if opts.max_images is not None and (isinstance(opts.max_images, bool) or not isinstance(opts.max_images, int)
+                                        or opts.max_images < 2):
+        raise ConfigError(f"max_images must be an int >= 2 or None, got {opts.max_images!r}")
+    if opts.model is None and opts.checkpoint is None:
+        raise ConfigError("give the model (--model NAME) or a noisynn train checkpoint (--checkpoint FILE)")
+    progress = Progress(0, opts.quiet, width=2)
+    index = analysis.scan_image_folder(opts.data, on_bad_image=opts.bad_images, workers=opts.workers,
+                                       progress=progress.note)
+    index = _subset_index(index, opts.max_images, opts.seed)
+
+    ckpt = _load_checkpoint(opts.checkpoint) if opts.checkpoint else None
+    trained = ckpt is not None and ckpt.get("format") == CHECKPOINT_FORMAT
+    kwargs = dict(ckpt["create_kwargs"]) if trained else dict(opts.model_kwargs)
+    if trained and opts.model_kwargs:
+        kwargs.update(opts.model_kwargs)
+    name = opts.model or ckpt["arch"]
+    if trained:
+        if ckpt["classes"] != index.classes:
+            raise ConfigError(f"the checkpoint {opts.checkpoint!r} was trained on classes {ckpt['classes']}; the "
+                              f"folder {opts.data!r} has {index.classes}")
+        kwargs.pop("num_classes", None)
+    img_size = opts.img_size if opts.img_size is not None else kwargs.pop("img_size", None)
+    kwargs.pop("img_size", None)
+    model, arch, create_kwargs = create_model(name, num_classes=len(index.classes), img_size=img_size,
+                                              model_kwargs=kwargs, noise=False,
+                                              pretrained=opts.pretrained and ckpt is None)
+    if trained and arch != ckpt["arch"]:
+        raise ConfigError(f"--model {name!r} is the architecture {arch}; the checkpoint is for {ckpt['arch']}")
+    remove_noisynn(model)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as e:
+            raise ConfigError(f"the checkpoint {opts.checkpoint!r} does not fit {arch} with {create_kwargs}: "
+                              f"{str(e).splitlines()[0]} ...") from None
+    weights = ("checkpoint " + opts.checkpoint if ckpt is not None else
+               "timm pretrained" if opts.pretrained else "random initialisation (no checkpoint: a smoke test only)")
+    from .analysis.profile import input_size_of
+
+    size = input_size_of(model)
+    img_size = img_size if img_size is not None else (size[1] if size else 224)
+    in_chans = int(create_kwargs.get("in_chans", 3))
+    device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if opts.device == "auto" else opts.device))
+    model.to(device).eval()
+    transform = analysis.model_transform(model, img_size, training=False, in_chans=in_chans)
+    dataset = analysis.ImageFolderDataset(index, transform, mode="L" if in_chans == 1 else "RGB")
+    loader = DataLoader(dataset, num_workers=opts.workers)  # the audit takes its workers, not its batching
+
+    conds: dict[str, NoiseConfig | None] = {"none": None}
+    descriptions = {"none": f"no noise ({weights})"}
+    if trained and ckpt.get("noise") and NoiseConfig.coerce(ckpt["noise"]).eval:
+        cfg = NoiseConfig.coerce(ckpt["noise"])
+        conds["trained noise"] = cfg
+        descriptions["trained noise"] = f"the checkpoint's training noise ({cfg.kind}/{cfg.axis}, {cfg.position})"
+    for spec in opts.noises:
+        cfg = parse_noise(spec) if isinstance(spec, str) else NoiseConfig.coerce(spec)
+        if not isinstance(cfg, NoiseConfig):
+            raise ConfigError(f"a requested noise must name a noise, got {spec!r}")
+        if not cfg.eval:
+            raise ConfigError(f"the requested noise {spec!r} is off at evaluation (eval=False), so it would be the "
+                              "no-noise condition; the audit evaluates: leave eval at its default (true)")
+        label = spec if isinstance(spec, str) else f"{cfg.kind}/{cfg.axis}"
+        conds[label] = cfg
+        descriptions[label] = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()
+                                        if v != NoiseConfig().to_dict()[k] or k == "kind")
+    if opts.official:
+        conds["official"] = _official_for(model)
+        descriptions["official"] = ("official protocol: " + ("optimal Q across the batch on LN-1 output of the last "
+                                    "block" if conds["official"].position == "attn_input" else
+                                    "shift Q (a = 0.4) across the batch at the last block input")
+                                    + ", eval only; batch-dependent, explicit opt-in")
+    progress.total = len(conds) + (1 if opts.official and opts.batch_sizes else 0)
+    progress.note(f"{len(dataset)} images in {len(index.classes)} classes; {arch} ({weights}); "
+                  f"{len(conds)} condition(s); output {opts.out}")
+    os.makedirs(opts.out, exist_ok=True)
+
+    per_condition: dict[str, dict[str, Any]] = {}
+    official_model = None
+    for label, cfg in conds.items():
+        m = model if cfg is None else apply_noisynn(copy.deepcopy(model), cfg)
+        if cfg is not None and noise_config(m) is None:
+            raise ConfigError(f"the noise {label!r} was not attached")
+        t0 = time.perf_counter()
+        dep = analysis.batch_dependence(m, loader, batch_size=opts.batch_size, orderings=ORDERINGS, seed=opts.seed,
+                                        device=device)
+        seconds = time.perf_counter() - t0
+        per_condition[label] = {"config": None if cfg is None else cfg.to_dict(), "description": descriptions[label],
+                                "seeds": [{"seed": opts.seed, "eval_seconds": seconds, **dep.to_dict()}]}
+        progress(f"{label:<16} acc sorted/shuffled/single "
+                 + "/".join(f"{100 * dep.accuracy[o]:.1f}" for o in ORDERINGS) + f"  ({seconds:.1f}s)")
+        if label == "official":
+            official_model = m
+    sweep: dict[str, dict[str, Any]] = {}
+    if official_model is not None and opts.batch_sizes:
+        for o in ("sorted", "shuffled"):
+            sweep[o] = {str(b): analysis.evaluate_accuracy(official_model, loader, batch_size=b, ordering=o,
+                                                           seed=opts.seed, device=device)
+                        for b in opts.batch_sizes}
+        progress(f"official protocol vs eval batch size {list(opts.batch_sizes)}")
+
+    summary = {}
+    for label, entry in per_condition.items():
+        r = entry["seeds"][0]
+        summary[label] = {
+            "accuracy": {o: _mean_std([r["accuracy"][o]]) for o in ORDERINGS},
+            "sorted_minus_shuffled": _mean_std([r["accuracy"]["sorted"] - r["accuracy"]["shuffled"]]),
+            "sorted_minus_single": _mean_std([r["accuracy"]["sorted"] - r["accuracy"]["single"]]),
+            "max_logit_diff": r["max_logit_diff"], "max_prob_diff": r["max_prob_diff"],
+            "n_argmax_changed": _mean_std([r["n_argmax_changed"]]),
+            "floor_max_logit_diff": r["floor"]["max_logit_diff"],
+            "floor_n_argmax_changed": _mean_std([r["floor"]["n_argmax_changed"]]),
+            "tolerance": r["tolerance"], "stochastic": r["stochastic"], "batch_dependent": r["batch_dependent"],
+            "paired_max_logit_diff": None if r.get("paired") is None else r["paired"]["max_logit_diff"],
+            "purity": r["purity"],
+        }
+    env = dict(environment(device))
+    env["threads"] = torch.get_num_threads()
+    result = {
+        "kind": "folder",
+        "environment": env,
+        "options": {**asdict(opts), "noises": [str(n) for n in opts.noises], "eval_batch_size": opts.batch_size},
+        "model": {"name": name, "arch": arch, "create_kwargs": create_kwargs, "img_size": img_size,
+                  "weights": weights, "parameters": sum(p.numel() for p in model.parameters()),
+                  "checkpoint_noise": ckpt.get("noise") if trained else None},
+        "data": {**index.summary(), "transform": str(transform)},
+        "orderings": list(ORDERINGS),
+        "conditions": per_condition,
+        "summary": summary,
+        "batch_size_sweep": sweep,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    json_path = os.path.join(opts.out, "audit.json")
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1, default=_json_default)
+    paths = [json_path, write_folder_report(result, opts.out)]
+    try:
+        paths += write_folder_plots(result, opts.out)
+    except ImportError:
+        progress.note("plots skipped: matplotlib is not installed")
+    result["paths"] = paths
+    progress.note(f"done in {result['wall_seconds']:.1f}s: " + ", ".join(paths))
+    return result
+
+
+def write_folder_report(result: dict, out_dir: str) -> str:
+    """Write ``report.md`` for a folder audit result (:func:`run_folder`); returns its path."""
+    env, opts, sm, d, m = result["environment"], result["options"], result["summary"], result["data"], result["model"]
+    bs = opts["batch_size"]
+    L: list[str] = ["# NoisyNN batch-dependence audit of an image folder\n"]
+    L.append("Does the model's accuracy, with each noise, depend on which other images share its batch? Every "
+             f"condition is evaluated on the same weights three ways: class-sorted batches of {bs} (as the official "
+             f"NoisyViT test loader), shuffled batches of {bs}, and batch size 1. Produced by `noisynn audit --data` "
+             "(`noisynn_kernels/audit.py`); every number below is measured in this run.\n")
+    L.append("## Environment\n")
+    L.append("| | |\n|---|---|")
+    for k in ("device", "threads", "torch", "timm", "noisynn_kernels", "python", "commit", "date"):
+        L.append(f"| {k} | {env.get(k)} |")
+    L.append(f"| wall time | {result['wall_seconds']:.0f} s |\n")
+    L.append("## Set-up\n")
+    per = d["per_class"]
+    shown = ", ".join(f"{c}: {n}" for c, n in list(per.items())[:20]) + (" ..." if len(per) > 20 else "")
+    L.append(f"- **Data**: `{d['root']}`, {d['images']} images in {len(d['classes'])} classes ({shown})"
+             + (f"; {d['skipped']} unreadable image(s) skipped (listed in `audit.json`)" if d["skipped"] else "")
+             + (f"; a stratified subset of at most {opts['max_images']} images" if opts.get("max_images") else "")
+             + ". Read from the folder batch by batch through timm's evaluation transform.")
+    L.append(f"- **Model**: `{m['name']}` (timm `{m['arch']}`, {m['parameters']:,} parameters, input "
+             f"{m['img_size']} px), weights: {m['weights']}.")
+    L.append("- **Conditions**:\n")
+    L.append("| condition | noise |\n|---|---|")
+    for name, entry in result["conditions"].items():
+        L.append(f"| `{name}` | {entry['description']} |")
+    L.append("")
+    L.append("## Accuracy under three batch orderings\n")
+    L.append("Top-1 accuracy in %. *Batch-dependent* compares every image's logits across the three orderings: "
+             "only the rest of its batch changed, so a change beyond float noise (tolerance, relative to the "
+             "largest logit) is batch dependence. *Purity*: the share of images whose sorted batch holds one class.\n")
+    L.append("| condition | sorted | shuffled | batch size 1 | sorted − shuffled (pts) | max \\|Δ logit\\| across "
+             "orderings | predictions changed | batch-dependent | tolerance |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for name, s in sm.items():
+        L.append(f"| `{name}` | {_pct(s['accuracy']['sorted'])} | {_pct(s['accuracy']['shuffled'])} | "
+                 f"{_pct(s['accuracy']['single'])} | {_pp(s['sorted_minus_shuffled'])} | {s['max_logit_diff']:.2e} | "
+                 f"{s['n_argmax_changed']['mean']:.0f} of {d['images']} | {_verdict(s)} | {s['tolerance']:.0e} |")
+    L.append("")
+    first = next(iter(sm.values()))
+    L.append(f"Sorted-batch purity: {100 * first['purity'].get('sorted', 0.0):.0f}%.")
+    random_ = [n for n in sm if sm[n]["stochastic"]]
+    if random_:
+        L.append("Random noises draw new values on every pass: two passes over *identical* batches already differ "
+                 "(floor): " + "; ".join(f"`{n}` max |Δ logit| {sm[n]['floor_max_logit_diff']:.2e}" for n in random_)
+                 + ". " + (_same_draws_note(sm) or "For them compare the accuracies, not the per-image differences."))
+    L.append("\n![accuracy by ordering](accuracy_by_ordering.png)\n")
+    L.append("## Interpretation\n")
+    none = sm["none"]["accuracy"]
+    for name, s in sm.items():
+        a = {o: 100 * s["accuracy"][o]["mean"] for o in ORDERINGS}
+        if s["stochastic"]:
+            what = "random: its outputs change between identical passes, so only the accuracies can be compared"
+        elif s["batch_dependent"]:
+            what = (f"**batch-dependent**: {s['n_argmax_changed']['mean']:.0f} prediction(s) change with the batch "
+                    "ordering; its accuracy is a property of how the test batches were formed, not of single images")
+        else:
+            what = "sample-local: no image's prediction depends on its batch mates"
+        L.append(f"- `{name}`: sorted {a['sorted']:.1f}%, shuffled {a['shuffled']:.1f}%, batch size 1 "
+                 f"{a['single']:.1f}% (no noise: {100 * none['shuffled']['mean']:.1f}%); {what}.")
+    L.append("")
+    sw = result["batch_size_sweep"]
+    if sw:
+        sizes = list(sw["sorted"])
+        L.append("## The official protocol and the evaluation batch size\n")
+        L.append("Accuracy in % with the official batch-axis noise at evaluation, by evaluation batch size (batch "
+                 "size 1 is the `single` column above).\n")
+        L.append("| | " + " | ".join(f"bs {b}" for b in sizes) + " |")
+        L.append("|---|" + "---|" * len(sizes))
+        for o in ("sorted", "shuffled"):
+            L.append(f"| `official`, {o} | " + " | ".join(f"{100 * sw[o][b]:.1f}" for b in sizes) + " |")
+        L.append("\n![official protocol vs batch size](official_batch_size.png)\n")
+    L.append("## Files\n")
+    L.append("`audit.json` holds every number (per-ordering accuracy and batch purity, per-pair logit and "
+             "probability differences, the folder summary, the options); the PNGs are drawn from it.")
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+    return path
+
+
+def write_folder_plots(result: dict, out_dir: str) -> list[str]:
+    """Write ``accuracy_by_ordering.png`` and (with a sweep) ``official_batch_size.png`` for a folder audit;
+    returns their paths.  Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env, m = result["environment"], result["model"]
+    sub = (f"{os.path.basename(result['data']['root'].rstrip(os.sep))}: {result['data']['images']} images, "
+           f"{m['arch']} | torch {env['torch']} | {env['device']}")
+    paths = [_plot_accuracy(plt, result["summary"], result["options"]["batch_size"],
+                            "Accuracy by batch ordering", sub, out_dir)]
+    sw = result["batch_size_sweep"]
+    if sw:
+        fig, ax = plt.subplots(figsize=(6.5, 4.3))
+        single = result["summary"]["official"]["accuracy"]["single"]["mean"]
+        for o in ("sorted", "shuffled"):
+            bs = [1] + [int(b) for b in sw[o]]
+            ax.plot(bs, [100 * single] + [100 * v for v in sw[o].values()], "o-", color=_ORDER_COLORS[o],
+                    label=f"official, {o}")
+        ax.axhline(100 * result["summary"]["none"]["accuracy"]["shuffled"]["mean"], color="grey", ls=":",
+                   label="no noise")
+        ax.set_xscale("log")
+        ax.set_xlabel("evaluation batch size")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"Official protocol vs batch size\n{sub}", fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(_save(fig, plt, out_dir, "official_batch_size.png"))
+    return paths

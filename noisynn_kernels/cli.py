@@ -1,9 +1,12 @@
 """The ``noisynn`` command.
 
     noisynn bench   op microbenchmarks and model throughput, competitors side by side
-    noisynn train   a small training run, also under torchrun (DistributedDataParallel)
+    noisynn train   train on an image folder (--data DIR) or a short synthetic run; also under torchrun (DDP)
     noisynn info    what this installation has (extension, Triton, CUDA, chosen backends)
-    noisynn audit   batch-dependence audit: a small NoisyViT on real digits under three batch orderings
+    noisynn audit   batch-dependence audit: a small NoisyViT on real digits under three batch orderings, or
+                    (--data DIR --model NAME [--checkpoint FILE]) a user's model on a user's image folder
+    noisynn profile where a training step's time goes (torch.profiler): noisynn ops, LayerNorm/add, attention,
+                    matmuls, the rest; --compare: plain timm, eager noisy and fused side by side
     noisynn kernels compile every kernel variant for GPU targets (no GPU needed): registers, spills, shared memory
 """
 
@@ -72,23 +75,83 @@ def _parser() -> argparse.ArgumentParser:
 
     from .train import add_arguments as add_train_arguments
 
-    add_train_arguments(sub.add_parser("train", help="a small training run (synthetic data); works under torchrun "
-                                                     "with DistributedDataParallel"))
+    add_train_arguments(sub.add_parser(
+        "train", help="train on an image folder (--data DIR), or a short synthetic run; works under torchrun with "
+                      "DistributedDataParallel",
+        description="Train a timm model with NoisyNN noise on an image folder (one sub-folder per class; timm's data "
+                    "pipeline, AdamW + cosine by default; writes checkpoint.pt and log.json into --out), or without "
+                    "--data a short synthetic run. Under torchrun it trains with DistributedDataParallel."))
     sub.add_parser("info", help="print what this installation has, as JSON")
 
-    a = sub.add_parser("audit", help="batch-dependence audit: small NoisyViT on real digits, three batch orderings",
-                       description="Train a small NoisyViT on scikit-learn's 8x8 digits (no download) under each "
-                                   "noise condition, including the official batch-axis protocol (measured with an "
-                                   "explicit opt-in), and evaluate every model with class-sorted batches, shuffled "
-                                   "batches and batch size 1. Writes report.md, audit.json and PNG plots. The "
-                                   "default run takes about 10 minutes on a 2-core CPU; --fast well under a minute.")
+    a = sub.add_parser("audit", help="batch-dependence audit: small NoisyViT on real digits, or your model on your "
+                                     "image folder (--data), under three batch orderings",
+                       description="Without --data: train a small NoisyViT on scikit-learn's 8x8 digits (no download) "
+                                   "under each noise condition, including the official batch-axis protocol (measured "
+                                   "with an explicit opt-in), and evaluate every model with class-sorted batches, "
+                                   "shuffled batches and batch size 1; the default run takes about 10 minutes on a "
+                                   "2-core CPU, --fast well under a minute. With --data DIR --model NAME [--checkpoint "
+                                   "FILE]: evaluate that model on that image folder (streamed) under the same three "
+                                   "orderings, without noise, with each --noise and with the official protocol. "
+                                   "Both write report.md, audit.json and PNG plots.")
     a.add_argument("--out", default="audit-results", help="output directory (default: audit-results)")
+    a.add_argument("--data", default=None, metavar="DIR", help="audit a model on this image folder (one sub-folder "
+                                                              "per class) instead of the digits experiment")
+    a.add_argument("--model", default=None, help="--data: timm model name (default: the checkpoint's architecture)")
+    a.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="--data: a noisynn train checkpoint.pt or a state_dict file (loaded with strict=True)")
+    a.add_argument("--pretrained", action="store_true", help="--data without --checkpoint: timm's pretrained weights")
+    a.add_argument("--img-size", type=int, default=None, help="--data: input size (default: the checkpoint's)")
+    a.add_argument("--model-kwargs", default="{}", help="--data: JSON object of extra timm.create_model arguments")
+    a.add_argument("--noise", action="append", default=[], metavar="SPEC",
+                   help="--data: a noise condition to add (repeatable): KIND, KIND:AXIS, FIELD=VALUE,... or JSON")
+    a.add_argument("--no-official", dest="official", action="store_false",
+                   help="--data: leave out the official batch-axis protocol")
+    a.add_argument("--batch-size", type=int, default=10, help="--data: batch size of the sorted / shuffled orderings")
+    a.add_argument("--batch-sizes", type=int, nargs="*", default=[2, 10, 50], metavar="B",
+                   help="--data: evaluation batch sizes of the official-protocol sweep (none: no sweep)")
+    a.add_argument("--max-images", type=int, default=None, help="--data: a stratified subset of at most N images")
+    a.add_argument("--seed", type=int, default=0, help="--data: seed of the shuffled ordering and the subset")
+    a.add_argument("--workers", type=int, default=0, help="--data: DataLoader worker processes")
+    a.add_argument("--bad-images", choices=["stop", "skip"], default="stop",
+                   help="--data: an image that does not decode: stop with its name, or skip it and count it")
+    a.add_argument("--device", default="auto", help="--data: auto, cpu, cuda, ...")
     a.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --fast)")
     a.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 12; 2 with --fast)")
     a.add_argument("--fast", action="store_true", help="smoke run: 1 seed, 2 epochs; numbers not meaningful")
-    a.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: the model is tiny, and one thread stays fast on a busy machine)")
+    a.add_argument("--threads", type=int, default=None,
+                   help="torch threads (digits default 1: the model is tiny, and one thread stays fast on a busy "
+                        "machine; --data default: torch's)")
     a.add_argument("--quiet", action="store_true", help="no progress output")
+
+    pr = sub.add_parser("profile", help="profile a few training steps: time per step, images/s, and the share of "
+                                        "noisynn ops, LayerNorm/add, attention, matmuls and the rest",
+                        description="Run a few training steps (random inputs, AdamW) under torch.profiler, write a "
+                                    "Chrome trace (trace.json) and profile.json into --out and print a table: time "
+                                    "per step and images/s (un-profiled steps), and the share of the profiled "
+                                    "operator time (self CPU time; device time on CUDA) in the noisynn ops, "
+                                    "LayerNorm/add, attention, matmul/conv and the rest. --compare adds plain timm and "
+                                    "the eager noisy model (and fused, for the ViT family) side by side.")
+    pr.add_argument("--model", default="noisy_vit_tiny_patch16_224",
+                    help="a registered noisy model or a timm model with --noise")
+    pr.add_argument("--img-size", type=int, default=224)
+    pr.add_argument("--num-classes", type=int, default=10)
+    pr.add_argument("--model-kwargs", default="{}", help="JSON object of extra timm.create_model arguments")
+    pr.add_argument("--noise", default="default",
+                    help="default | none | KIND | KIND:AXIS | FIELD=VALUE,... | JSON (default: the noisy model's)")
+    pr.add_argument("--fused", action="store_true", help="profile the model with swap_fused_ops (ViT family)")
+    pr.add_argument("--backend", default=None, help="kernel backend of the fused ops (default: per device)")
+    pr.add_argument("--compare", action="store_true",
+                    help="profile plain timm, the eager noisy model and (ViT family) the fused one side by side")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--steps", type=int, default=5, help="steps timed, then as many profiled")
+    pr.add_argument("--warmup", type=int, default=2)
+    pr.add_argument("--amp", nargs="?", const="auto", default=None, choices=["auto", "float16", "bfloat16"],
+                    help="autocast (--amp alone: bfloat16 on CPU, float16 on CUDA)")
+    pr.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--out", default="profile-results", help="directory for trace.json and profile.json")
+    pr.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    pr.add_argument("--quiet", action="store_true", help="no progress output")
 
     k = sub.add_parser("kernels", help="compile every kernel variant for GPU targets (no GPU needed) and check "
                                        "registers, spills and shared memory against the limits",
@@ -167,12 +230,25 @@ def _audit(args) -> int:
     from .errors import NoisyNNError
 
     try:
-        from .audit import AuditOptions
-        from .audit import run as run_audit
+        if args.data is not None:
+            from .audit import FolderAuditOptions, run_folder
 
-        result = run_audit(AuditOptions(out=args.out, seeds=args.seeds, epochs=args.epochs, fast=args.fast,
-                                        threads=args.threads, quiet=args.quiet))
-    except NoisyNNError as e:
+            kwargs = json.loads(args.model_kwargs)
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+            result = run_folder(FolderAuditOptions(
+                data=args.data, model=args.model, checkpoint=args.checkpoint, pretrained=args.pretrained,
+                out=args.out, img_size=args.img_size, model_kwargs=kwargs, noises=tuple(args.noise),
+                official=args.official, batch_size=args.batch_size, batch_sizes=tuple(args.batch_sizes),
+                max_images=args.max_images, seed=args.seed, workers=args.workers, bad_images=args.bad_images,
+                device=args.device, threads=args.threads, quiet=args.quiet))
+        else:
+            from .audit import AuditOptions
+            from .audit import run as run_audit
+
+            result = run_audit(AuditOptions(out=args.out, seeds=args.seeds, epochs=args.epochs, fast=args.fast,
+                                            threads=1 if args.threads is None else args.threads, quiet=args.quiet))
+    except (NoisyNNError, ValueError, argparse.ArgumentTypeError) as e:  # ValueError: --model-kwargs JSON
         print(f"noisynn audit: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # scikit-learn (data) comes with the [test] and [bench] extras
@@ -180,6 +256,86 @@ def _audit(args) -> int:
         return 2
     print("report: " + next(p for p in result["paths"] if p.endswith("report.md")))
     print("files: " + ", ".join(result["paths"]))
+    return 0
+
+
+def _profile(args) -> int:
+    import os
+
+    import torch
+
+    from .analysis.profile import format_table, profile_training
+    from .errors import ConfigError, NoisyNNError
+    from .models import noise_config
+    from .models.fused import swap_fused_ops
+    from .train import amp_dtype, create_model, parse_noise
+
+    def say(msg):
+        if not args.quiet:
+            print(f"[profile] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        for name in ("batch_size", "steps", "img_size", "num_classes"):
+            if getattr(args, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+        if args.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
+        kwargs = json.loads(args.model_kwargs)
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        noise = parse_noise(args.noise)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+        amp = amp_dtype(args.amp, device)
+
+        def build(noisy: bool, fused: bool):
+            torch.manual_seed(args.seed)
+            model, arch, _ = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size,
+                                          model_kwargs=kwargs, noise=noise if noisy else False)
+            if noisy and noise_config(model) is None:
+                raise ConfigError(f"{args.model} has no noise: give --noise (a plain timm model has none by default)")
+            if fused:
+                swap_fused_ops(model, backend=args.backend)
+            return model, arch
+
+        variants = []
+        if args.compare:
+            variants = [("plain timm", False, False), ("eager noisy", True, False)]
+            if args.fused or args.model.startswith("noisy_vit"):
+                variants.append(("fused", True, True))
+        else:
+            variants = [("fused" if args.fused else "eager noisy", True, args.fused)]
+        os.makedirs(args.out, exist_ok=True)
+        main_label = "fused" if args.fused else "eager noisy"
+        results = []
+        for label, noisy, fused in variants:
+            model, arch = build(noisy, fused)
+            trace = os.path.join(args.out, "trace.json" if label == main_label else
+                                 f"trace-{label.replace(' ', '_')}.json")
+            say(f"{label}: {arch} batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed + {args.steps} "
+                f"profiled steps on {device}")
+            results.append(profile_training(model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                                            num_classes=args.num_classes, device=device, amp=amp, label=label,
+                                            trace_path=trace, seed=args.seed))
+            say(f"{label}: {1e3 * results[-1].step_seconds:.1f} ms/step, trace {trace}")
+    except (NoisyNNError, ValueError, argparse.ArgumentTypeError) as e:
+        print(f"noisynn profile: {e}", file=sys.stderr)
+        return 2
+    from .bench.environment import environment
+
+    payload = {"model": args.model, "arch": arch, "img_size": args.img_size, "batch_size": args.batch_size,
+               "amp": None if amp is None else str(amp).replace("torch.", ""), "environment": environment(device),
+               "results": [r.to_dict() for r in results]}
+    path = os.path.join(args.out, "profile.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    if args.json:
+        print(json.dumps(payload, indent=1, default=str))
+    else:
+        print(f"noisynn profile: {args.model} ({arch}), batch {args.batch_size}, {args.img_size} px, {device}"
+              + (f", amp {payload['amp']}" if amp else ""))
+        print(format_table(results))
+        print(f"traces: {', '.join(r.trace for r in results)}; results: {path}")
     return 0
 
 
@@ -196,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "audit":
         return _audit(args)
+    if args.command == "profile":
+        return _profile(args)
     if args.command == "kernels":
         argv = list(sys.argv[1:] if argv is None else argv)
         return _kernels(args, argv[argv.index("kernels") + 1:])

@@ -16,6 +16,7 @@ import torch
 
 import noisynn_kernels as nk
 from noisynn_kernels import analysis, audit, quality
+from noisynn_kernels.analysis.profile import classify
 from noisynn_kernels.cli import main as cli_main
 from noisynn_kernels.models.patch import noise_config
 
@@ -125,7 +126,80 @@ def test_random_noise_is_reported_as_stochastic(data):
     x, y = data
     r = analysis.batch_dependence(tiny_vit(dict(kind="gaussian", strength=0.5)), x, y, batch_size=10)
     assert r.stochastic and r.floor["max_logit_diff"] > r.tolerance
-    assert r.batch_dependent is None
+    # the same draw per sample with other batch mates: Gaussian noise reads nothing of the batch
+    assert r.paired is not None and r.paired["n_samples"] == 40 and r.paired["floor_max_logit_diff"] == 0.0
+    assert r.paired["max_logit_diff"] <= r.tolerance and r.batch_dependent is False
+    # too few full batches for a same-draw comparison: undecided
+    few = analysis.batch_dependence(tiny_vit(dict(kind="gaussian", strength=0.5)), x, y, batch_size=30)
+    assert few.stochastic and few.paired is None and few.batch_dependent is None
+
+
+@pytest.mark.parametrize("value_range,dependent", [("sample", False), ("batch", True)])
+def test_same_draws_tell_salt_and_pepper_ranges_apart(data, value_range, dependent):
+    """Each sample's own range (the default) is batch-independent; the batch-wide range is not.  Neither is
+    visible in the plain orderings, where every pass draws new noise."""
+    x, y = data
+    noise = dict(kind="salt_and_pepper", p=0.2, value_range=value_range, allow_batch_dependence=dependent)
+    r = analysis.batch_dependence(tiny_vit(noise), x, y, batch_size=10)
+    assert r.stochastic and r.paired is not None
+    assert r.batch_dependent is dependent
+    assert (r.paired["max_logit_diff"] > 10 * r.tolerance) is dependent
+    assert r.to_dict()["paired"]["n_samples"] == 40
+
+
+def test_rotated_batches_keep_every_slot_and_change_every_batch():
+    batches = [torch.arange(i * 4, i * 4 + 4) for i in range(3)] + [torch.tensor([12, 13])]
+    rotated, members = analysis.rotated_batches(batches)
+    assert sorted(members.tolist()) == list(range(12)) and len(rotated) == 3
+    for new in rotated:
+        assert [int(v) % 4 for v in new] == [0, 1, 2, 3], "each sample keeps its slot"
+        assert len({int(v) // 4 for v in new}) == 3 or len(new) > 3, "mates from other batches"
+        assert not any(torch.equal(new, old) for old in batches)
+
+
+class _Counting(torch.utils.data.Dataset):
+    """(x[i], y[i]) pairs that count every read; no ``targets`` attribute (labels come from the items)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, [0] * len(y)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        assert isinstance(i, int)
+        self.reads[i] += 1
+        return self.x[i], int(self.y[i])
+
+
+def test_entry_points_take_a_dataset_or_a_loader_and_stream_it(data):
+    x, y = data
+    model = tiny_vit(dict(kind="optimal", axis="tokens"))
+    ref = analysis.batch_dependence(model, x, y, batch_size=10, keep_outputs=True)
+    ds = _Counting(x, y)
+    for source in (torch.utils.data.TensorDataset(x, y), ds, torch.utils.data.DataLoader(ds, batch_size=3)):
+        r = analysis.batch_dependence(model, source, batch_size=10, keep_outputs=True)
+        assert r.accuracy == ref.accuracy and r.purity == ref.purity and r.batch_dependent is False
+        for o in ref.outputs:
+            torch.testing.assert_close(r.outputs[o], ref.outputs[o], rtol=0, atol=1e-6)
+    # labels read once per source, then one read per sample per pass (3 orderings + the repeat): batch by
+    # batch through the loader, never the dataset at once
+    assert ds.reads == [2 * (1 + 4)] * 40
+    acc = analysis.evaluate_accuracy(model, torch.utils.data.DataLoader(ds), ordering="sorted")
+    assert acc == ref.accuracy["sorted"]
+    settings = analysis.TrainSettings(epochs=2, batch_size=8)
+    a, b = tiny_vit(False), tiny_vit(False)
+    assert analysis.train_classifier(a, x, y, settings) == analysis.train_classifier(b, _Counting(x, y), None, settings)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    feats = torch.randn(40, 5, 6, generator=torch.Generator().manual_seed(1))
+    d1 = analysis.entropy_diagnostics(feats, y, "optimal", folds=2)
+    d2 = analysis.entropy_diagnostics(torch.utils.data.TensorDataset(feats, y), None, "optimal", folds=2)
+    assert d1.to_dict() == d2.to_dict()
+    with pytest.raises(nk.ShapeError, match="map-style Dataset"):
+        analysis.batch_dependence(model, object(), y)
+    with pytest.raises(nk.ConfigError, match="carries no labels"):
+        analysis.train_classifier(tiny_vit(False), x, None, settings)
 
 
 def test_accuracy_and_orderings(data):
@@ -378,3 +452,32 @@ def test_cli_audit_fast_writes_report_json_and_plots(tmp_path, capsys):
 def test_cli_audit_rejects_bad_options(tmp_path, capsys):
     assert cli_main(["audit", "--seeds", "0", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "seeds" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# profile
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,category", [
+    ("noisynn::mix_add_layernorm", "noisynn"), ("autograd::engine::evaluate_function: noisynn::x", "noisynn"),
+    ("mix_add_layernorm_fwd_kernel", "noisynn"), ("aten::native_layer_norm", "layernorm_add"),
+    ("NativeLayerNormBackward0", "layernorm_add"), ("aten::add", "layernorm_add"), ("aten::add_", "layernorm_add"),
+    ("aten::addmm", "matmul"), ("aten::mm", "matmul"), ("AddmmBackward0", "matmul"),
+    ("aten::mkldnn_convolution", "matmul"), ("sm90_xmma_gemm_f32", "matmul"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"), ("aten::_softmax", "attention"),
+    ("aten::gelu", "rest"), ("Optimizer.step#AdamW.step", "rest"), ("aten::copy_", "rest"),
+])
+def test_profile_classifies_operator_names(name, category):
+    assert classify(name) == category
+
+
+def test_profile_training_shares_sum_to_one(tmp_path):
+    model = tiny_vit(dict(kind="optimal", axis="tokens"))
+    nk.swap_fused_ops(model)
+    r = analysis.profile_training(model, batch_size=4, steps=2, warmup=1, trace_path=str(tmp_path / "t.json"))
+    assert r.input_size == (1, 8, 8) and r.batch_size == 4 and r.steps == 2
+    assert sum(r.shares.values()) == pytest.approx(1.0, abs=1e-12)
+    assert sum(r.ms_per_step.values()) == pytest.approx(r.profiled_ms_per_step)
+    assert r.shares["noisynn"] > 0 and r.images_per_second == pytest.approx(4 / r.step_seconds)
+    assert json.load(open(tmp_path / "t.json"))["traceEvents"]
+    with pytest.raises(nk.ConfigError, match="input_size"):
+        analysis.profile_training(model, input_size=(1, 8))

@@ -17,17 +17,18 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ShapeError
+from ..nn import NoiseInjection
 from ._checks import (
     as_input,
-    check_data,
     check_labels,
     check_model,
     check_noise_guard,
     model_device_dtype,
     positive_int,
 )
+from .data import as_source
 
-__all__ = ["ORDERINGS", "ordering_batches", "predict", "default_tolerance", "BatchDependenceResult",
+__all__ = ["ORDERINGS", "ordering_batches", "rotated_batches", "predict", "default_tolerance", "BatchDependenceResult",
            "batch_dependence"]
 
 #: Batch orderings :func:`batch_dependence` knows: ``sorted`` (stable sort by class, then consecutive
@@ -62,32 +63,68 @@ def ordering_batches(n: int, ordering: str, batch_size: int, targets: torch.Tens
     return list(torch.split(order, batch_size))
 
 
-def predict(model: nn.Module, data: torch.Tensor, batches: Sequence[torch.Tensor], *,
-            device=None) -> torch.Tensor:
+def predict(model: nn.Module, data, batches: Sequence[torch.Tensor], *, device=None) -> torch.Tensor:
     """``model``'s outputs for every sample of ``data``, run batch by batch as ``batches`` (lists of
     sample indices) group them, returned in the original sample order as a float64 CPU tensor.
 
-    The model runs as it is (its train/eval mode is the caller's); no gradients are kept.
+    ``data`` is a tensor ``(N, ...)``, a map-style ``Dataset`` of ``(input, label)`` pairs, a ``DataLoader``
+    over one or a :class:`~noisynn_kernels.analysis.data.SampleSource`; a dataset is read batch by batch
+    (never whole).  The model runs as it is (its train/eval mode is the caller's); no gradients are kept.
     """
-    data = check_data(data)
+    src = as_source(data)
     dev, dtype = model_device_dtype(check_model(model), device)
     out: torch.Tensor | None = None
-    seen = torch.zeros(data.shape[0], dtype=torch.bool)
+    seen = torch.zeros(src.n, dtype=torch.bool)
     with torch.no_grad():
-        for idx in batches:
-            y = model(as_input(data[idx], dev, dtype))
+        for idx, x in src.batches(batches):
+            y = model(as_input(x, dev, dtype))
             if not isinstance(y, torch.Tensor) or y.dim() != 2 or y.shape[0] != len(idx):
                 raise ShapeError(f"model must return (batch, classes) logits, got "
                                  f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__} "
                                  f"for a batch of {len(idx)}")
             if out is None:
-                out = torch.full((data.shape[0], y.shape[1]), math.nan, dtype=torch.float64)
+                out = torch.full((src.n, y.shape[1]), math.nan, dtype=torch.float64)
             out[idx] = y.detach().to("cpu", torch.float64)
             seen[idx] = True
     if out is None or not bool(seen.all()):
         missing = int((~seen).sum())
-        raise ConfigError(f"batches must cover every one of the {data.shape[0]} samples, {missing} were left out")
+        raise ConfigError(f"batches must cover every one of the {src.n} samples, {missing} were left out")
     return out
+
+
+def rotated_batches(batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The full batches of ``batches`` (those as long as the first) regrouped so that every sample keeps
+    its slot but gets new batch mates: new batch ``i`` takes slot ``j`` from batch ``(i + j) mod nb``.
+    Returns ``(new batches, the samples they hold)``; batches of another length are left out."""
+    size = len(batches[0])
+    full = [b for b in batches if len(b) == size]
+    nb = len(full)
+    out = [torch.stack([full[(i + j) % nb][j] for j in range(size)]) for i in range(nb)]
+    return out, torch.cat(full) if full else torch.empty(0, dtype=torch.long)
+
+
+def _predict_same_draws(model, src, batches, device, seed: int) -> torch.Tensor:
+    """:func:`predict` with every random stream restarted before each batch: the global RNG (and the CUDA
+    one) from ``seed``, each :class:`~noisynn_kernels.NoiseInjection`'s own generator from its config.  A
+    sample in the same slot of a batch of the same shape then draws the same noise.  The caller's RNG
+    state is restored."""
+    noise_modules = [m for m in model.modules() if isinstance(m, NoiseInjection)]
+    dev, _ = model_device_dtype(model, device)
+
+    class Restarting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            torch.manual_seed(seed)
+            for m in noise_modules:
+                m.reset_generator()
+            return self.inner(x)
+
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return predict(Restarting(), src, batches, device=device)
 
 
 def default_tolerance(dtype: torch.dtype | None, scale: float) -> float:
@@ -130,6 +167,12 @@ class BatchDependenceResult:
         floor: the same divergence between two passes over *identical* batches (the first ordering run
             twice): zero for a deterministic model, the noise draw's own spread for random noise.
         noise: the model's NoiseConfig as a dict (``None`` without noise).
+        paired: for a stochastic model, the same divergences between two passes that draw *the same noise for
+            every sample* (each sample keeps its slot in a batch of the same shape, the random streams restart
+            before every batch) while every sample's batch mates change (:func:`rotated_batches`), plus
+            ``n_samples`` compared and ``floor_max_logit_diff`` (the same plan twice: zero when the draws are
+            reproduced).  ``None`` for a deterministic model, or when the draws could not be reproduced or
+            there are fewer than two full batches.
         outputs: per ordering, the ``(n_samples, classes)`` float64 logits in the original sample order
             (not written by :meth:`to_dict`).
     """
@@ -146,6 +189,7 @@ class BatchDependenceResult:
     tolerance: float
     floor: dict[str, float]
     noise: dict | None = None
+    paired: dict | None = None
     outputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -156,11 +200,14 @@ class BatchDependenceResult:
     @property
     def batch_dependent(self) -> bool | None:
         """Whether some sample's output changed beyond ``tolerance`` when only the rest of its batch
-        changed.  ``None`` for a stochastic model: its outputs move between any two passes, so per-sample
-        changes cannot be blamed on the batch (compare ``accuracy`` across orderings, and ``pairs`` with
-        ``floor``, instead)."""
+        changed.  For a stochastic model this is read off ``paired`` (the same noise draw per sample, other
+        batch mates); ``None`` when that comparison was not possible: its outputs move between any two
+        passes, so per-sample changes cannot be blamed on the batch (compare ``accuracy`` across orderings,
+        and ``pairs`` with ``floor``, instead)."""
         if self.stochastic:
-            return None
+            if self.paired is None:
+                return None
+            return self.paired["max_logit_diff"] > self.tolerance
         return self.max_logit_diff > self.tolerance
 
     def to_dict(self) -> dict:
@@ -172,7 +219,7 @@ class BatchDependenceResult:
         return d
 
 
-def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor | None = None, *,
+def batch_dependence(model: nn.Module, data, targets: torch.Tensor | None = None, *,
                      batch_size: int = 10, orderings: Sequence[str] = ("sorted", "shuffled", "single"),
                      seed: int = 0, device=None, tolerance: float | None = None,
                      keep_outputs: bool = False) -> BatchDependenceResult:
@@ -191,10 +238,20 @@ def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
     cross-sample operations in eval mode) give ``max_logit_diff <= tolerance`` and
     ``batch_dependent == False``.
 
+    A stochastic model (random noise: the repeat differs) is also compared on passes that draw the same
+    noise for every sample (``paired``: the class-sorted batches, then the same full batches regrouped so
+    that each sample keeps its slot and gets new batch mates, with the random streams restarted before
+    every batch): salt-and-pepper taking each sample's own range shows no difference there, the batch-wide
+    range (``value_range='batch'``) does.
+
     Args:
         model: a classifier returning ``(batch, classes)`` logits.
-        data: ``(N, ...)`` inputs.
-        targets: ``(N,)`` integer labels; needed for ``sorted`` and for accuracies.
+        data: ``(N, ...)`` inputs, a map-style ``Dataset`` of ``(input, label)`` pairs (e.g.
+            :class:`~noisynn_kernels.analysis.data.ImageFolderDataset`), or a ``DataLoader`` over one (its
+            workers and collate function are used, its batching is replaced by each ordering's).  A dataset is
+            streamed batch by batch, never held in memory whole.
+        targets: ``(N,)`` integer labels; needed for ``sorted`` and for accuracies.  A dataset's labels are
+            used when not given (its ``targets`` attribute, else each item's label).
         batch_size: batch size of every ordering but ``single``.
         orderings: at least two of :data:`ORDERINGS`.
         seed: seed of the ``shuffled`` permutation.
@@ -208,8 +265,10 @@ def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
         ConfigError, ShapeError: invalid arguments.
     """
     check_model(model)
-    data = check_data(data)
-    n = data.shape[0]
+    src = as_source(data, targets)
+    if src.targets is None and not src.in_memory:
+        src.read_targets()
+    n = src.n
     batch_size = positive_int("batch_size", batch_size)
     if isinstance(orderings, str):
         raise ConfigError(f"orderings must be a sequence of ordering names, got the string {orderings!r}")
@@ -217,7 +276,7 @@ def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
     bad = [o for o in orderings if o not in ORDERINGS]
     if bad or len(orderings) < 2 or len(set(orderings)) != len(orderings):
         raise ConfigError(f"orderings must be at least two distinct names from {ORDERINGS}, got {orderings!r}")
-    labels = None if targets is None else check_labels(targets, n)
+    labels = src.targets
     if "sorted" in orderings and labels is None:
         raise ConfigError("ordering 'sorted' needs targets (class labels) to sort by, got targets=None")
     if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
@@ -229,8 +288,8 @@ def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
     was_training = model.training
     model.eval()
     try:
-        outputs = {o: predict(model, data, plans[o], device=device) for o in orderings}
-        repeat = predict(model, data, plans[orderings[0]], device=device)
+        outputs = {o: predict(model, src, plans[o], device=device) for o in orderings}
+        repeat = predict(model, src, plans[orderings[0]], device=device)
     finally:
         model.train(was_training)
 
@@ -239,6 +298,26 @@ def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
         scale = max(float(o.abs().max()) for o in outputs.values())
         tolerance = default_tolerance(dtype, scale)
 
+    floor = _divergence(outputs[orderings[0]], repeat)
+    paired = None
+    if floor["max_logit_diff"] > tolerance:  # stochastic: compare passes that draw the same noise per sample
+        base = ordering_batches(n, "sorted" if labels is not None else "given", batch_size, labels, seed)
+        rotated, members = rotated_batches(base)
+        if len(rotated) >= 2:
+            rest = [b for b in base if len(b) != len(base[0])]  # kept in place: every sample is predicted
+            plan = [b for b in base if len(b) == len(base[0])] + rest
+            was_training = model.training
+            model.eval()
+            try:
+                first = _predict_same_draws(model, src, plan, device, seed)
+                again = _predict_same_draws(model, src, plan, device, seed)
+                mates = _predict_same_draws(model, src, rotated + rest, device, seed)
+            finally:
+                model.train(was_training)
+            same = _divergence(first[members], again[members])
+            if same["max_logit_diff"] <= tolerance:
+                paired = {**_divergence(first[members], mates[members]), "n_samples": len(members),
+                          "floor_max_logit_diff": same["max_logit_diff"]}
     pairs = {f"{a}|{b}": _divergence(outputs[a], outputs[b]) for a, b in combinations(orderings, 2)}
     preds = torch.stack([outputs[o].argmax(-1) for o in orderings])
     n_changed = int((preds != preds[:1]).any(0).sum())
@@ -253,6 +332,5 @@ def batch_dependence(model: nn.Module, data: torch.Tensor, targets: torch.Tensor
         max_logit_diff=max(p["max_logit_diff"] for p in pairs.values()),
         max_prob_diff=max(p["max_prob_diff"] for p in pairs.values()),
         n_argmax_changed=n_changed, tolerance=float(tolerance),
-        floor=_divergence(outputs[orderings[0]], repeat),
-        noise=None if cfg is None else cfg.to_dict(),
+        floor=floor, noise=None if cfg is None else cfg.to_dict(), paired=paired,
         outputs=outputs if keep_outputs else {})

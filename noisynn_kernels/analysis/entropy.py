@@ -20,6 +20,7 @@ from ..functional import check_activation, gaussian_noise, linear_transform_nois
 from ..quality import entropy_change, mixing_matrix
 from ._checks import check_data, check_labels
 from .batch import ordering_batches
+from .data import SampleSource, as_source
 
 __all__ = ["entropy_change", "label_entropy", "gaussian_entropy", "shrunk_covariance", "conditional_entropy_gaussian",
            "apply_noise", "EntropyDiagnostics", "entropy_diagnostics"]
@@ -27,8 +28,20 @@ __all__ = ["entropy_change", "label_entropy", "gaussian_entropy", "shrunk_covari
 _LOG_2PI_E = math.log(2 * math.pi * math.e)
 
 
+def _in_memory(features, labels=None, name: str = "features"):
+    """``(features, labels)`` with a ``Dataset`` / ``DataLoader`` of ``(input, label)`` pairs loaded into one
+    tensor (the covariance estimators need every sample at once) and its labels used when ``labels`` is
+    ``None``; a tensor passes through unchanged."""
+    if isinstance(features, torch.Tensor):
+        return features, labels
+    if isinstance(features, (torch.utils.data.Dataset, torch.utils.data.DataLoader, SampleSource)):
+        src = as_source(features, labels, name=name)
+        return src.tensor(), (src.read_targets() if labels is None else src.targets)
+    return features, labels
+
+
 def _features_matrix(features, name: str = "features") -> torch.Tensor:
-    features = check_data(features, name)
+    features = check_data(_in_memory(features, name=name)[0], name)
     if not (features.is_floating_point() or features.dtype in (torch.int8, torch.int16, torch.int32,
                                                                    torch.int64, torch.uint8)):
         raise ShapeError(f"{name} must be a real tensor, got dtype {features.dtype}")
@@ -221,8 +234,9 @@ def conditional_entropy_gaussian(features: torch.Tensor, labels, *, method: str 
     it can be negative, and only differences between feature sets are meaningful.
 
     Args:
-        features: ``(N, ...)`` samples, flattened to ``(N, d)``.
-        labels: ``(N,)`` integer class labels, at least two classes.
+        features: ``(N, ...)`` samples, flattened to ``(N, d)``, or a ``Dataset`` / ``DataLoader`` of
+            ``(features, label)`` pairs (loaded whole).
+        labels: ``(N,)`` integer class labels, at least two classes (``None``: the dataset's).
         method: ``discriminant`` or ``joint``.
         covariance: ``shared`` or ``per_class`` (``discriminant`` only).
         shrinkage: ``'auto'`` or a number in ``[0, 1]``.
@@ -230,6 +244,7 @@ def conditional_entropy_gaussian(features: torch.Tensor, labels, *, method: str 
         calibrate: fit the inverse temperature (``discriminant``); ``False`` scores the raw posterior.
         seed: seed of the fold assignment.
     """
+    features, labels = _in_memory(features, labels)
     z = _features_matrix(features)
     y = check_labels(labels, z.shape[0], "labels")
     shrinkage = _check_shrinkage(shrinkage)
@@ -381,8 +396,9 @@ def entropy_diagnostics(features: torch.Tensor, labels, noise, *, prefix_tokens:
     Random noise can only destroy label information (data processing), so ``H(Y|Z)`` rises.
 
     Args:
-        features: ``(N, T, D)`` tokens or ``(N, C, H, W)`` feature maps.
-        labels: ``(N,)`` integer labels.
+        features: ``(N, T, D)`` tokens or ``(N, C, H, W)`` feature maps, or a ``Dataset`` / ``DataLoader`` of
+            ``(features, label)`` pairs (loaded whole: the estimators need every sample).
+        labels: ``(N,)`` integer labels (``None``: the dataset's).
         noise: NoiseConfig / dict / kind name (validated by NoiseConfig).
         prefix_tokens, grid: token geometry for the noise (prefix tokens are never mixed).
         ordering, batch_size, seed: how samples are grouped into batches for ``axis='batch'``
@@ -395,6 +411,7 @@ def entropy_diagnostics(features: torch.Tensor, labels, noise, *, prefix_tokens:
     cfg = NoiseConfig.coerce(noise)
     if cfg is None:
         raise ConfigError("noise must be a NoiseConfig, a dict of its fields or a kind name, got None")
+    features, labels = _in_memory(features, labels)
     x = check_activation(features, "features")
     y = check_labels(labels, x.shape[0], "labels")
     batches = None

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..models import apply_noisynn, model_blocks, remove_noisynn
 from ._checks import check_model
 from .batch import ORDERINGS
+from .data import as_source
 from .training import TrainSettings, evaluate_accuracy, train_classifier
 
 __all__ = ["LayerSensitivity", "layer_sensitivity"]
@@ -49,8 +50,18 @@ class LayerSensitivity:
         return asdict(self)
 
 
-def layer_sensitivity(model_factory: Callable[[], nn.Module], noise, train_data: tuple[torch.Tensor, torch.Tensor],
-                      test_data: tuple[torch.Tensor, torch.Tensor], *, layers: Sequence[int] | None = None,
+def _pair(data, name: str):
+    """``(inputs, labels)`` of an ``(x, y)`` pair; ``(source, None)`` of a Dataset / DataLoader."""
+    if isinstance(data, (tuple, list)):
+        if len(data) != 2:
+            raise ConfigError(f"{name} must be an (x, y) pair, a Dataset or a DataLoader, got a sequence of "
+                              f"{len(data)} items")
+        return tuple(data)
+    return as_source(data, name=name), None
+
+
+def layer_sensitivity(model_factory: Callable[[], nn.Module], noise, train_data, test_data, *,
+                      layers: Sequence[int] | None = None,
                       settings: TrainSettings = TrainSettings(), seed: int = 0, eval_batch_size: int = 10,
                       orderings: Sequence[str] = ("shuffled",), baseline: bool = False, device=None,
                       on_run: Callable[[str], None] | None = None) -> LayerSensitivity:
@@ -67,7 +78,8 @@ def layer_sensitivity(model_factory: Callable[[], nn.Module], noise, train_data:
     Args:
         model_factory: zero-argument callable returning a fresh supported timm model.
         noise: NoiseConfig / dict / kind name (a batch-axis config on at eval needs its explicit opt-in).
-        train_data, test_data: ``(x, y)`` pairs.
+        train_data, test_data: ``(x, y)`` pairs of tensors, or map-style ``Dataset`` / ``DataLoader`` of
+            ``(input, label)`` pairs (streamed, see :func:`train_classifier`).
         layers: block indices to try (negative counts from the end).
         baseline: also run without noise (``baseline_accuracy``).
         on_run: called with a short description before each run (progress display).
@@ -78,7 +90,7 @@ def layer_sensitivity(model_factory: Callable[[], nn.Module], noise, train_data:
     if not callable(model_factory):
         raise ConfigError(f"model_factory must be a zero-argument callable returning a model, "
                           f"got {type(model_factory).__name__}")
-    (xtr, ytr), (xte, yte) = train_data, test_data
+    (xtr, ytr), (xte, yte) = _pair(train_data, "train_data"), _pair(test_data, "test_data")
     if isinstance(orderings, str):
         orderings = (orderings,)
     orderings = tuple(orderings)
