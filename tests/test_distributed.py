@@ -168,3 +168,34 @@ def test_warning_is_once_per_module(monkeypatch):
             m(x)
     got = _local_batch_warnings(record)
     assert len(got) == 2 and all("world size 4" in str(w.message) for w in got)
+
+
+# --------------------------------------------------------------------------------------------------
+# a swapped model under FSDP2 and DDP (tests/_dist_worker.py)
+
+
+def test_swapped_model_under_fsdp2_and_ddp(tmp_path):
+    """FSDP2 (``fully_shard`` per block, then the model; also with gradient checkpointing) and DDP of a
+    swapped noisy ViT under torchrun (2 gloo processes): each process trains on its half of the batch and
+    the losses, last-step gradients and final parameters match one process on the whole batch.  (Before
+    the fused step was the block's own call, FSDP's unshard hooks never ran: "mixed torch.Tensor and
+    DTensor".)"""
+    out = tmp_path / "dist.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    worker = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert len(results) == 6, sorted(results)
+    for setup, r in results.items():
+        assert r["swapped"], setup
+        # 2 fused calls per block and step (forward), 2 more per block with checkpointing (recomputation)
+        per_step = 2 * 2 * (2 if setup.endswith("checkpointing") else 1)
+        assert r["fused_calls"] == 3 * per_step, (setup, r["fused_calls"])
+        # the same fp32 ops on half the batch each; DDP / FSDP average the two halves' gradients
+        assert r["loss"] <= 1e-5, (setup, r)
+        assert r["grad"] <= 1e-5 * max(1.0, r["grad_scale"]), (setup, r)
+        assert r["param"] <= 1e-5, (setup, r)
+        assert len(r["losses"]) == 3 and abs(r["losses"][0] - r["losses"][-1]) > 1e-4, (setup, r)  # it trained

@@ -76,11 +76,12 @@ def test_fused_stack_really_runs_the_op(monkeypatch):
 
 def test_unswap_restores_original_forward():
     m = _tiny(dict(kind="shift"))
-    before = dict(m.blocks.__dict__)
+    before = {name: (type(mod), set(mod.__dict__)) for name, mod in m.named_modules()}
     swap_fused_ops(m)
+    assert type(m).__name__ == "FusedVisionTransformer" and type(m.blocks[0]).__name__ == "FusedViTBlock"
     unswap_fused_ops(m)
     assert not is_swapped(m) and "forward" not in m.blocks.__dict__
-    assert set(m.blocks.__dict__) == set(before)
+    assert {name: (type(mod), set(mod.__dict__)) for name, mod in m.named_modules()} == before
     unswap_fused_ops(m)  # no-op when not swapped
 
 
@@ -111,10 +112,6 @@ def test_unsupported_models_raise():
     with pytest.raises(UnsupportedModelError, match="Block"):
         swap_fused_ops(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1,
                                          block_fn=timm.models.vision_transformer.ResPostBlock))
-    m = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
-    m.set_grad_checkpointing(True)
-    with pytest.raises(UnsupportedModelError, match="checkpointing"):
-        swap_fused_ops(m)
 
 
 def test_unavailable_backend_raises_not_falls_back(monkeypatch):
@@ -244,7 +241,7 @@ def test_swapped_model_survives_torch_save_and_load(tmp_path):
     torch.save(m, path)
     loaded = torch.load(path, weights_only=False)
     assert is_swapped(loaded) and type(loaded.blocks).__name__ == "FusedBlocks"
-    assert loaded.blocks._noisynn_fused_backend == "reference"
+    assert all(b._noisynn_fused_backend == "reference" for b in loaded.blocks)
     _check_same(m, loaded, torch.randn(2, 3, 32, 32, device=DEVICE))
     unswap_fused_ops(loaded)
     assert not is_swapped(loaded) and type(loaded.blocks) is torch.nn.Sequential
@@ -280,10 +277,107 @@ def test_swapped_state_dict_loads_into_plain_timm_and_back():
 def test_swapping_twice_updates_the_backend_and_a_slice_still_runs():
     m = swap_fused_ops(_tiny(False), backend="reference")
     swap_fused_ops(m, backend=None)
-    assert is_swapped(m) and m.blocks._noisynn_fused_backend is None
+    assert is_swapped(m) and all(b._noisynn_fused_backend is None for b in m.blocks)
     tokens = torch.randn(2, 17, 48, device=DEVICE)
     head = m.blocks[:2]  # nn.Sequential slicing keeps the class
     assert type(head).__name__ == "FusedBlocks"
     with torch.no_grad():
         unswapped = torch.nn.Sequential(*m.blocks[:2])
         torch.testing.assert_close(head(tokens), unswapped(tokens), rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradient checkpointing: set before or after the swap, per block, the same noise and gradients
+
+
+def _count_fused_calls(monkeypatch):
+    from noisynn_kernels.ops import mix_add_layernorm as op
+
+    calls = []
+    real = op.LAUNCHERS["reference"]
+    monkeypatch.setitem(op.LAUNCHERS, "reference", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _step(model, x, g):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y * g).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+CKPT_NOISES = [dict(kind="optimal", axis="tokens"), dict(kind="gaussian", layer=1),
+               dict(kind="gaussian", seed=3, layer=1), dict(kind="salt_and_pepper", seed=5, p=0.2),
+               dict(kind="shift", axis="rows", position="attn_input", layer=1)]
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("noise", CKPT_NOISES, ids=lambda n: "-".join(map(str, n.values())))
+def test_grad_checkpointing_with_the_swap(noise, when, monkeypatch):
+    """``set_grad_checkpointing(True)`` before or after the swap: every fused block checkpoints its step
+    (the fused op runs again in backward), the noise is the same as without checkpointing (random noise
+    from the global RNG or from the noise's own seeded generator, replayed on recomputation, and the
+    generator is left where one forward leaves it), and the gradients equal those of the unswapped
+    model with timm's checkpointing (the model without it, for seeded noise: timm's checkpointing
+    recomputes the hook's draw from an advanced generator)."""
+    x = torch.randn(4, 3, 32, 32, device=DEVICE)
+    g = torch.randn(4, 5, device=DEVICE)
+    plain = _tiny(noise).train()
+    if "seed" not in noise:
+        plain.set_grad_checkpointing(True)
+    fused = copy.deepcopy(plain)
+    fused.set_grad_checkpointing(False)
+    if when == "before":
+        fused.set_grad_checkpointing(True)
+    swap_fused_ops(fused, backend="reference")
+    if when == "after":
+        fused.set_grad_checkpointing(True)
+    assert nk.models.fused.grad_checkpointing_enabled(fused) and fused.grad_checkpointing is False
+    calls = _count_fused_calls(monkeypatch)
+    for step in range(2):  # the second step checks where the generators (and the global RNG) were left
+        torch.manual_seed(10 + step)
+        ya, ga = _step(plain, x, g)
+        torch.manual_seed(10 + step)
+        yb, gb = _step(fused, x, g)
+        torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+        for n in ga:
+            torch.testing.assert_close(gb[n], ga[n], rtol=0, atol=0, msg=f"step {step}: grad of {n}")
+    assert len(calls) == 2 * 2 * 2 * 3  # 2 steps, forward + recomputation, 2 per block, 3 blocks
+    unswap_fused_ops(fused)
+    assert fused.grad_checkpointing is True  # timm's flag back as the fused blocks had it
+
+
+def _peak_step_bytes(model, x):
+    """Peak of the CPU allocator's live bytes over one training step (forward + backward), relative to
+    its start, from the profiler's memory records: what each op allocated net of what it freed (its
+    self memory) and what was freed between ops (``[memory]`` records), in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x).square().sum().backward()
+    records = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                     for e in prof.events())
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_grad_checkpointing_lowers_peak_memory_of_a_training_step():
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2, num_classes=5,
+              noise=dict(kind="optimal", axis="tokens", layer=2))
+    model = swap_fused_ops(timm.create_model("noisy_vit_tiny_patch16_224", **kw).train(), backend="reference")
+    x = torch.randn(8, 3, 32, 32)
+    peaks = {}
+    for ckpt in (False, True, False):
+        model.set_grad_checkpointing(ckpt)
+        model.zero_grad(set_to_none=True)
+        peaks[ckpt] = _peak_step_bytes(model, x)
+    # 4 blocks on (8, 65, 64) tokens: without checkpointing every block keeps its activations (attention
+    # probabilities, MLP hidden, LayerNorm statistics) for backward; with it, only its input pair, and
+    # one block's activations at a time while it is recomputed
+    one_tensor = 8 * 65 * 64 * 4
+    assert peaks[False] > 40 * one_tensor, peaks  # the measurement sees the activations
+    assert peaks[True] < 0.6 * peaks[False], peaks
