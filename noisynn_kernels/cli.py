@@ -264,7 +264,7 @@ def _profile(args) -> int:
 
     import torch
 
-    from .analysis.profile import format_table, profile_training
+    from .analysis.profile import format_table, profile_models
     from .errors import ConfigError, NoisyNNError
     from .models import noise_config
     from .models.fused import swap_fused_ops
@@ -307,17 +307,16 @@ def _profile(args) -> int:
             variants = [("fused" if args.fused else "eager noisy", True, args.fused)]
         os.makedirs(args.out, exist_ok=True)
         main_label = "fused" if args.fused else "eager noisy"
-        results = []
+        models, traces = {}, {}
         for label, noisy, fused in variants:
-            model, arch = build(noisy, fused)
-            trace = os.path.join(args.out, "trace.json" if label == main_label else
-                                 f"trace-{label.replace(' ', '_')}.json")
-            say(f"{label}: {arch} batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed + {args.steps} "
-                f"profiled steps on {device}")
-            results.append(profile_training(model, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
-                                            num_classes=args.num_classes, device=device, amp=amp, label=label,
-                                            trace_path=trace, seed=args.seed))
-            say(f"{label}: {1e3 * results[-1].step_seconds:.1f} ms/step, trace {trace}")
+            models[label], arch = build(noisy, fused)
+            traces[label] = os.path.join(args.out, "trace.json" if label == main_label else
+                                         f"trace-{label.replace(' ', '_')}.json")
+        say(f"{', '.join(models)}: {arch} batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed (side by "
+            f"side) + {args.steps} profiled steps each on {device}")
+        results = profile_models(models, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                                 num_classes=args.num_classes, device=device, amp=amp, trace_paths=traces,
+                                 seed=args.seed)
     except (NoisyNNError, ValueError, argparse.ArgumentTypeError) as e:
         print(f"noisynn profile: {e}", file=sys.stderr)
         return 2

@@ -238,6 +238,9 @@ def test_unreadable_image_stops_the_run_by_default(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "1 of 9 image(s) cannot be read" in err and "broken.png" in err and "--bad-images skip" in err
     assert not (tmp_path / "out").exists(), "nothing written"
+    assert cli_main(["audit", "--data", root, "--model", "vit_tiny_patch16_224", "--out", str(tmp_path / "a"),
+                     "--quiet"]) == 2
+    assert "1 of 9 image(s) cannot be read" in capsys.readouterr().err
 
 
 def test_unreadable_image_skipped_and_counted(tmp_path, capsys):
@@ -252,6 +255,12 @@ def test_unreadable_image_skipped_and_counted(tmp_path, capsys):
     assert log["data"]["images"] == 8 and log["data"]["skipped"] == 1
     assert log["data"]["skipped_files"][0]["path"].endswith("broken.png")
     assert log["epochs"][0]["images"] == 8
+    # the audit counts it the same way
+    assert cli_main(["audit", "--data", root, "--model", "noisy_vit_tiny_patch16_224", "--img-size", "16",
+                     "--model-kwargs", TINY, "--bad-images", "skip", "--batch-sizes", "--out", str(tmp_path / "a"),
+                     "--quiet"]) == 0
+    result = json.load(open(tmp_path / "a" / "audit.json"))
+    assert result["data"]["images"] == 8 and result["data"]["skipped"] == 1
 
 
 def test_unknown_timm_model_exits_2(tmp_path, capsys):
@@ -275,3 +284,17 @@ def test_plain_timm_model_trains_and_checkpoint_matches_its_name(tmp_path):
     assert ckpt["arch"] == "resnet18" and "img_size" not in ckpt["create_kwargs"]
     assert ckpt["noise"]["kind"] == "shift" and ckpt["noise"]["axis"] == "rows"
     timm.create_model("resnet18", **ckpt["create_kwargs"]).load_state_dict(ckpt["model"], strict=True)
+
+
+def test_amp_runs_in_train_and_profile(tmp_path, capsys):
+    root = export_digits(tmp_path / "data", 4, classes=[0, 1])
+    out = tmp_path / "out"
+    assert cli_main(["train", "--data", root, *MODEL, "--amp", "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    assert "amp bfloat16" not in capsys.readouterr().err  # --quiet
+    log = json.load(open(out / "log.json"))
+    assert log["args"]["amp"] == "auto" and log["epochs"][0]["images"] == 8
+    assert cli_main(["profile", *MODEL, "--amp", "bfloat16", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                     "--device", "cpu", "--out", str(tmp_path / "p"), "--quiet"]) == 0
+    payload = json.load(open(tmp_path / "p" / "profile.json"))
+    assert payload["amp"] == "bfloat16" and payload["results"][0]["label"] == "eager noisy"
+    assert "amp bfloat16" in capsys.readouterr().out

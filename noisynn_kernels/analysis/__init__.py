@@ -8,8 +8,8 @@
   estimate ``H(Z)`` and ``H(Y|Z)`` of a features tensor under Gaussian assumptions, before and after
   a noise, next to the paper's entropy change ``dS = -log|det(I+Q)|`` (:func:`entropy_change`).
 - :func:`layer_sensitivity` repeats one small training run with the noise at each block in turn.
-- :func:`profile_training` profiles a few training steps (``torch.profiler``) and splits the step's
-  time into the noisynn ops, LayerNorm / add, attention, matmuls and the rest.
+- :func:`profile_training` / :func:`profile_models` profile a few training steps (``torch.profiler``)
+  and split the step's time into the noisynn ops, LayerNorm / add, attention, matmuls and the rest.
 
 Every entry point that takes samples takes a tensor, a map-style ``Dataset`` of ``(input, label)``
 pairs or a ``DataLoader`` over one; datasets are read batch by batch (the entropy estimators, which
@@ -28,7 +28,7 @@ Modules, each importing only the ones listed before it (and the library below):
 - :mod:`.entropy`: Gaussian entropy estimates, :func:`apply_noise` and :func:`entropy_diagnostics`;
 - :mod:`.training`: :class:`TrainSettings`, :func:`train_classifier`, :func:`evaluate_accuracy`;
 - :mod:`.layers`: :func:`layer_sensitivity`;
-- :mod:`.profile`: :func:`profile_training` (imports only ``_checks`` and the library).
+- :mod:`.profile`: :func:`profile_models`, :func:`profile_training` (imports only ``_checks``).
 """
 
 from .batch import (
@@ -60,7 +60,7 @@ from .entropy import (
                       shrunk_covariance,
 )
 from .layers import LayerSensitivity, layer_sensitivity
-from .profile import CATEGORIES, ProfileResult, profile_training
+from .profile import CATEGORIES, ProfileResult, profile_models, profile_training
 from .training import TrainSettings, evaluate_accuracy, train_classifier
 
 __all__ = [
@@ -93,5 +93,6 @@ __all__ = [
     "as_source",
     "CATEGORIES",
     "ProfileResult",
+    "profile_models",
     "profile_training",
 ]

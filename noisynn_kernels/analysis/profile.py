@@ -8,8 +8,9 @@ package's own ops (``noisynn::*`` and their kernels), LayerNorm and residual add
 (scaled-dot-product attention, softmax), matmuls and convolutions, and the rest (activations, the
 optimizer, copies, Python overhead inside profiled ranges, device time no operator claimed).
 
-Time per step and images per second come from a separate, un-profiled timed run of the same steps
-(the profiler's own overhead would inflate them).
+Time per step and images per second come from separate, un-profiled timed steps, run side by side when
+several models are compared (the profiler's own overhead would inflate them; a busy machine slows
+interleaved models alike).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from torch import nn
 from ..errors import ConfigError
 from ._checks import check_model, positive_int
 
-__all__ = ["CATEGORIES", "CATEGORY_NAMES", "classify", "ProfileResult", "profile_training", "input_size_of",
-           "format_table"]
+__all__ = ["CATEGORIES", "CATEGORY_NAMES", "classify", "ProfileResult", "profile_models", "profile_training",
+           "input_size_of", "format_table"]
 
 #: Categories of :func:`classify`, in table order.
 CATEGORIES = ("noisynn", "layernorm_add", "attention", "matmul", "rest")
@@ -127,81 +128,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_training(model: nn.Module, *, batch_size: int = 8, steps: int = 5, warmup: int = 2,
-                     input_size: tuple[int, int, int] | None = None, num_classes: int | None = None,
-                     device=None, amp: torch.dtype | None = None, lr: float = 1e-3, label: str = "model",
-                     trace_path: str | None = None, seed: int = 0, top: int = 12) -> ProfileResult:
-    """Train ``model`` (in place, on random inputs and labels) for ``warmup`` steps, then time ``steps``
-    steps, then profile ``steps`` more with ``torch.profiler``; returns a :class:`ProfileResult`.
+class _Trainer:
+    """One model's training step on fixed random inputs (AdamW, optional autocast / gradient scaler)."""
 
-    A step is forward, cross-entropy, backward and an AdamW update (``lr``), under ``torch.autocast`` with
-    ``amp`` when given (float16 on CUDA uses a ``GradScaler``).  ``input_size`` defaults to
-    :func:`input_size_of`; ``num_classes`` to the model's ``num_classes``.  ``trace_path``: write the
-    profiled steps as a Chrome trace (open in ``chrome://tracing`` or Perfetto).
-    """
-    check_model(model)
-    batch_size = positive_int("batch_size", batch_size)
-    steps = positive_int("steps", steps)
-    warmup = positive_int("warmup", warmup, minimum=0)
-    if input_size is None:
-        input_size = input_size_of(model)
+    def __init__(self, model, *, batch_size, input_size, num_classes, device, amp, lr, seed):
+        check_model(model)
         if input_size is None:
-            raise ConfigError(f"cannot tell the input size of {type(model).__name__}; pass input_size=(C, H, W)")
-    input_size = tuple(int(v) for v in input_size)
-    if len(input_size) != 3 or min(input_size) < 1:
-        raise ConfigError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
-    if num_classes is None:
-        num_classes = getattr(model, "num_classes", None)
-    num_classes = positive_int("num_classes", num_classes)
-    if amp is not None and amp not in (torch.float16, torch.bfloat16):
-        raise ConfigError(f"amp must be torch.float16, torch.bfloat16 or None, got {amp!r}")
-    p = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
-    model.to(device).train()
+            input_size = input_size_of(model)
+            if input_size is None:
+                raise ConfigError(f"cannot tell the input size of {type(model).__name__}; pass input_size=(C, H, W)")
+        input_size = tuple(int(v) for v in input_size)
+        if len(input_size) != 3 or min(input_size) < 1:
+            raise ConfigError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
+        if num_classes is None:
+            num_classes = getattr(model, "num_classes", None)
+        num_classes = positive_int("num_classes", num_classes)
+        p = next(model.parameters(), None)
+        self.device = torch.device(device) if device is not None else (p.device if p is not None
+                                                                       else torch.device("cpu"))
+        self.model, self.amp, self.input_size = model.to(self.device).train(), amp, input_size
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch_size, *input_size, generator=g).to(self.device)
+        self.y = torch.randint(0, num_classes, (batch_size,), generator=g).to(self.device)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.scaler = (torch.amp.GradScaler(self.device.type) if (amp == torch.float16 and self.device.type == "cuda")
+                       else None)
 
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, *input_size, generator=g).to(device)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    scaler = torch.amp.GradScaler(device.type) if (amp == torch.float16 and device.type == "cuda") else None
-
-    def step():
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+    def step(self) -> None:
+        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         else:
             loss.backward()
-            opt.step()
+            self.opt.step()
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(steps):
+    def timed_step(self) -> float:
+        _sync(self.device)
         t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+        self.step()
+        _sync(self.device)
+        return time.perf_counter() - t0
 
-    from torch.profiler import ProfilerActivity, profile, record_function
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for i in range(steps):
-            with record_function(f"train_step_{i}"):
-                step()
-        _sync(device)
-    if trace_path:
-        prof.export_chrome_trace(trace_path)
-
+def _shares(prof, device: torch.device, steps: int, label: str, top: int):
+    """``(totals in us per category, top operators)`` of a finished profile."""
     totals = dict.fromkeys(CATEGORIES, 0.0)
     ops = []
-    attributed_device = 0.0
-    kernel_device = 0.0
+    attributed_device = kernel_device = 0.0
     for evt in prof.key_averages():
         is_kernel = str(getattr(evt, "device_type", "")).endswith("CUDA")
         if device.type == "cuda":
@@ -219,21 +196,77 @@ def profile_training(model: nn.Module, *, batch_size: int = 8, steps: int = 5, w
         ops.append((us, evt.key, cat, evt.count))
     if device.type == "cuda" and kernel_device > attributed_device:
         totals["rest"] += kernel_device - attributed_device
-    total = sum(totals.values())
-    if total <= 0:
+    if sum(totals.values()) <= 0:
         raise ConfigError(f"the profiler recorded no operator time for {label!r}; expected a model that runs "
                           "aten operators")
     ops.sort(reverse=True)
-    median = statistics.median(times)
-    return ProfileResult(
-        label=label, batch_size=batch_size, steps=steps, input_size=input_size, device=str(device),
-        amp=None if amp is None else str(amp).replace("torch.", ""), step_seconds=median,
-        step_seconds_spread=(min(times), max(times)), images_per_second=batch_size / median,
-        profiled_ms_per_step=total / 1e3 / steps, shares={c: totals[c] / total for c in CATEGORIES},
-        ms_per_step={c: totals[c] / 1e3 / steps for c in CATEGORIES},
-        top_ops=[{"name": name, "category": cat, "ms_per_step": us / 1e3 / steps, "calls": count / steps}
-                 for us, name, cat, count in ops[:top]],
-        trace=trace_path)
+    return totals, [{"name": name, "category": cat, "ms_per_step": us / 1e3 / steps, "calls": count / steps}
+                    for us, name, cat, count in ops[:top]]
+
+
+def profile_models(models: dict[str, nn.Module], *, batch_size: int = 8, steps: int = 5, warmup: int = 2,
+                   input_size: tuple[int, int, int] | None = None, num_classes: int | None = None, device=None,
+                   amp: torch.dtype | None = None, lr: float = 1e-3, trace_paths: dict[str, str] | None = None,
+                   seed: int = 0, top: int = 12) -> list[ProfileResult]:
+    """Profile the training step of every model of ``models`` (label -> model; trained in place on the same
+    random inputs and labels); returns one :class:`ProfileResult` per model, in order.
+
+    Every model first runs ``warmup`` steps; then ``steps`` timed rounds run one step of each model in turn
+    (side by side, so that a busy machine slows them alike and their ratios hold), then each model runs
+    ``steps`` more under ``torch.profiler`` (CPU activity, and CUDA on a GPU).  A step is forward,
+    cross-entropy, backward and an AdamW update (``lr``), under ``torch.autocast`` with ``amp`` when given
+    (float16 on CUDA uses a ``GradScaler``).  ``input_size`` defaults to :func:`input_size_of`,
+    ``num_classes`` to the model's ``num_classes``.  ``trace_paths[label]``: write that model's profiled
+    steps as a Chrome trace (``chrome://tracing``, Perfetto).
+    """
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"models must be a non-empty dict of label -> model, got {type(models).__name__}")
+    batch_size = positive_int("batch_size", batch_size)
+    steps = positive_int("steps", steps)
+    warmup = positive_int("warmup", warmup, minimum=0)
+    top = positive_int("top", top)
+    if amp is not None and amp not in (torch.float16, torch.bfloat16):
+        raise ConfigError(f"amp must be torch.float16, torch.bfloat16 or None, got {amp!r}")
+    trainers = {label: _Trainer(m, batch_size=batch_size, input_size=input_size, num_classes=num_classes,
+                                device=device, amp=amp, lr=lr, seed=seed) for label, m in models.items()}
+    for t in trainers.values():
+        for _ in range(warmup):
+            t.step()
+    times: dict[str, list[float]] = {label: [] for label in trainers}
+    for _ in range(steps):
+        for label, t in trainers.items():
+            times[label].append(t.timed_step())
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    results = []
+    for label, t in trainers.items():
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if t.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for i in range(steps):
+                with record_function(f"train_step_{i}"):
+                    t.step()
+            _sync(t.device)
+        trace = (trace_paths or {}).get(label)
+        if trace:
+            prof.export_chrome_trace(trace)
+        totals, top_ops = _shares(prof, t.device, steps, label, top)
+        total = sum(totals.values())
+        median = statistics.median(times[label])
+        results.append(ProfileResult(
+            label=label, batch_size=batch_size, steps=steps, input_size=t.input_size, device=str(t.device),
+            amp=None if amp is None else str(amp).replace("torch.", ""), step_seconds=median,
+            step_seconds_spread=(min(times[label]), max(times[label])), images_per_second=batch_size / median,
+            profiled_ms_per_step=total / 1e3 / steps, shares={c: totals[c] / total for c in CATEGORIES},
+            ms_per_step={c: totals[c] / 1e3 / steps for c in CATEGORIES}, top_ops=top_ops, trace=trace))
+    return results
+
+
+def profile_training(model: nn.Module, *, label: str = "model", trace_path: str | None = None,
+                     **kwargs) -> ProfileResult:
+    """:func:`profile_models` of one model: ``warmup`` steps, ``steps`` timed, ``steps`` profiled (keyword
+    arguments as there; ``trace_path`` for its Chrome trace)."""
+    return profile_models({label: model}, trace_paths={label: trace_path} if trace_path else None, **kwargs)[0]
 
 
 def format_table(results: list[ProfileResult]) -> str:
