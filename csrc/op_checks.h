@@ -14,9 +14,9 @@
 namespace noisynn {
 namespace op_checks {
 
-// (B, N, D) tokens of a supported dtype on a `device_type` device; valid codes and geometry.
+// (B, N, D) tokens of a supported dtype on a `device_type` device; valid codes, shift direction and geometry.
 inline void check_common(const char* op, const at::Tensor& t, c10::DeviceType device_type, int64_t kind,
-                         int64_t axis, int64_t prefix_tokens, int64_t grid_w) {
+                         int64_t axis, int64_t shift, int64_t prefix_tokens, int64_t grid_w) {
   TORCH_CHECK(t.dim() == 3, op, ": expected (B, N, D) tokens, got shape ", t.sizes());
   TORCH_CHECK(t.device().type() == device_type, op, ": expected ", c10::DeviceTypeName(device_type, true),
               " tensors, got ", t.device());
@@ -24,6 +24,7 @@ inline void check_common(const char* op, const at::Tensor& t, c10::DeviceType de
               op, ": expected float32, bfloat16 or float16, got ", t.scalar_type());
   TORCH_CHECK(kind >= KIND_IDENTITY && kind <= KIND_DENSE, op, ": kind code must be 0..3, got ", kind);
   TORCH_CHECK(axis >= AXIS_TOKENS && axis <= AXIS_BATCH, op, ": axis code must be 0..2, got ", axis);
+  TORCH_CHECK(shift == 1 || shift == -1, op, ": shift must be +1 (row i reads row i-1) or -1 (row i+1), got ", shift);
   const int64_t N = t.size(1);
   TORCH_CHECK(prefix_tokens >= 0 && prefix_tokens < N, op, ": prefix_tokens must be in [0, N = ", N, "), got ",
               prefix_tokens);

@@ -10,10 +10,10 @@ TORCH_LIBRARY(noisynn, m) {
   m.set_python_module("noisynn_kernels.ops.mix_add_layernorm.cpp");
   m.def(
       "mix_add_layernorm_fwd_cpp(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, int kind, "
-      "int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, int grid_w, bool mix_after_norm, "
+      "int axis, float alpha, int shift, Tensor? mix_matrix, int prefix_tokens, int grid_w, bool mix_after_norm, "
       "bool straight_through) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "mix_add_layernorm_bwd_cpp(Tensor d_normed, Tensor? d_residual_out, Tensor residual_out, Tensor? weight, "
-      "Tensor mean, Tensor rstd, int kind, int axis, float alpha, Tensor? mix_matrix, int prefix_tokens, "
+      "Tensor mean, Tensor rstd, int kind, int axis, float alpha, int shift, Tensor? mix_matrix, int prefix_tokens, "
       "int grid_w, bool mix_after_norm) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,4 +1,5 @@
-"""Checks of plain argument values (numbers, flags) and the axis names, written once for every layer.
+"""Checks of plain argument values (numbers, flags, the shift direction) and the axis names, written once
+for every layer.
 
 Depends on :mod:`noisynn_kernels.errors` only, so the modules that describe a noise (``quality``,
 ``config``) and the argument checks of the ops (``_validate``) share it.
@@ -10,13 +11,18 @@ import math
 
 from .errors import ConfigError
 
-__all__ = ["AXES", "VALUE_RANGES", "number", "flag", "traced"]
+__all__ = ["AXES", "VALUE_RANGES", "SHIFTS", "number", "flag", "shift_direction", "traced"]
 
 #: Axes along which linear transform noise can mix.
 AXES = ("batch", "tokens", "rows")
 
 #: Where salt-and-pepper takes the values it was not given: each sample's range, or the batch's.
 VALUE_RANGES = ("sample", "batch")
+
+#: Directions of the ``shift`` kind, as ``torch.roll``'s ``shifts``: with ``+1`` (the paper's
+#: ``P[(i+1) mod k, i] = 1``) row ``i`` receives row ``i - 1``; with ``-1`` (the official CNN code's
+#: ``cat(x[1:], x[:1])``) row ``i`` receives row ``i + 1``.
+SHIFTS = (1, -1)
 
 
 def traced(value) -> bool:
@@ -43,6 +49,14 @@ def number(name: str, value, *, lo: float = -math.inf, hi: float = math.inf) -> 
     if not math.isfinite(v) or not lo <= v <= hi:
         raise ConfigError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
     return v
+
+
+def shift_direction(value) -> int:
+    """``value``, which must be ``+1`` or ``-1`` (an int, not a bool or a float); else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in SHIFTS:
+        raise ConfigError(f"shift must be +1 (row i receives row i-1, the paper's P) or -1 (row i receives row i+1, "
+                          f"the official CNN code), got {value!r}")
+    return int(value)
 
 
 def flag(name: str, value) -> bool:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from . import quality
-from ._checks import AXES, VALUE_RANGES, number
+from ._checks import AXES, VALUE_RANGES, number, shift_direction
 from .errors import BatchDependenceError, ConfigError
 
 __all__ = ["NoiseConfig", "KINDS", "RANDOM_KINDS", "POSITIONS"]
@@ -39,6 +39,9 @@ class NoiseConfig:
         axis: mixed axis of linear noise: ``tokens`` (patch tokens of one sample / H*W positions),
             ``rows`` (rows of the patch grid / H) or ``batch`` (the samples of the mini-batch).
         alpha: shift strength ``a`` in ``[0, 1]`` (``shift`` only).
+        shift: direction of the ``shift`` kind, as ``torch.roll``'s ``shifts``: ``+1`` (default, the
+            paper's ``P[(i+1) mod k, i] = 1``: row ``i`` receives row ``i - 1``) or ``-1`` (the official
+            CNN code's ``cat(x[1:], x[:1])``: row ``i`` receives row ``i + 1``).
         matrix: the ``k x k`` quality matrix ``Q`` (``dense`` only); ``M = I + Q``.
         std, mean, strength: Gaussian noise ``x + strength * N(mean, std)``.
         p: salt-and-pepper probability in ``[0, 1]``; ``low``/``high``: its values (give the pixel range
@@ -66,6 +69,7 @@ class NoiseConfig:
     kind: str = "optimal"
     axis: str = "tokens"
     alpha: float = quality.DEFAULT_ALPHA
+    shift: int = 1
     matrix: torch.Tensor | None = None
     std: float = 1.0
     mean: float = 0.0
@@ -97,6 +101,7 @@ class NoiseConfig:
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
         set_("alpha", number("alpha", self.alpha, lo=0.0, hi=1.0))
+        set_("shift", shift_direction(self.shift))
         set_("std", number("std", self.std, lo=0.0))
         set_("mean", number("mean", self.mean))
         set_("strength", number("strength", self.strength))
@@ -216,10 +221,33 @@ class NoiseConfig:
         return cls(**fields)
 
     @classmethod
+    def official_vit_salt_and_pepper(cls, p: float = 0.1, **overrides: Any) -> NoiseConfig:
+        """The official NoisyViT salt-and-pepper ("impulse") noise: on the LayerNorm-1 output of the last
+        block, each patch element becomes the batch's maximum with probability ``p / 2`` and its minimum
+        with probability ``p / 2`` (``u < p/2``: salt, ``u > 1 - p/2``: pepper), both detached and taken
+        over the patch tokens of the whole batch (``value_range='batch'``; the class token is neither
+        replaced nor part of the range).  The official scripts pass ``p`` as their ``strength``.  Off in
+        training and on at evaluation, like :meth:`official_vit`; the batch-wide range is batch-dependent,
+        so it raises unless ``allow_batch_dependence=True`` (or ``eval=False``, or given ``low`` / ``high``)."""
+        fields = dict(kind="salt_and_pepper", p=p, value_range="batch", position="attn_input", layer=-1,
+                      train=False, eval=True)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
     def official_cnn(cls, **overrides: Any) -> NoiseConfig:
-        """The official NoisyResNet protocol: shift Q (alpha 0.4) across the *batch* at the input of the
-        last block (ResNet-50 stage 4, block 3), on in training and evaluation.  Batch-dependent at
+        """The official NoisyResNet protocol, as its model code computes it: shift noise of strength 0.4
+        across the *batch* at the input of stage 4, block 3 (``layer4[2]``: ``layer=-1`` on ResNet-34 /
+        50 / 101 / 152, whose ``layer4`` has three blocks), on in training and evaluation.  Sample ``b``
+        receives ``x_{b+1}`` (the official ``cat(x[1:], x[:1])``, so ``shift=-1``) and the difference is
+        added detached (``x + a * (shifted - x).detach()``, so ``straight_through=True``: the gradient
+        with respect to the input is the identity).
+
+        ResNet-18's ``layer4`` has two blocks, so the official default (block index 2) adds no noise
+        there; this preset's ``layer=-1`` puts it at ResNet-18's last block instead (pass
+        ``layer=...`` or apply no noise to match the official ResNet-18 run).  Batch-dependent at
         inference: it raises unless ``allow_batch_dependence=True`` (or ``eval=False``) is passed."""
-        fields = dict(kind="shift", alpha=0.4, axis="batch", position="block_input", layer=-1, train=True, eval=True)
+        fields = dict(kind="shift", alpha=0.4, shift=-1, straight_through=True, axis="batch", position="block_input",
+                      layer=-1, train=True, eval=True)
         fields.update(overrides)
         return cls(**fields)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from . import quality, reference
-from ._checks import VALUE_RANGES
+from ._checks import VALUE_RANGES, shift_direction
 from ._ext import select_backend
 from ._validate import (
     AXES,
@@ -65,7 +65,7 @@ def _device_type(t) -> str:
 def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str = "tokens",
                            alpha: float = quality.DEFAULT_ALPHA, matrix: torch.Tensor | None = None,
                            prefix_tokens: int = 0, grid: Sequence[int] | None = None,
-                           straight_through: bool = False, check: bool = True) -> torch.Tensor:
+                           straight_through: bool = False, check: bool = True, shift: int = 1) -> torch.Tensor:
     """Linear transform noise ``X' = (I + Q) X`` (NoisyNN's positive noise).
 
     Args:
@@ -83,6 +83,8 @@ def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str 
         check: validate ``I + Q`` (invertible, row dominance) and raise
             :class:`~noisynn_kernels.QualityMatrixError` naming the broken condition; ``False`` is the
             explicit override for experiments outside the paper's conditions.
+        shift: direction of ``shift``: ``+1`` (the paper's ``P[(i+1) mod k, i] = 1``: row ``i`` receives
+            row ``i - 1``) or ``-1`` (the official CNN code's ``cat(x[1:], x[:1])``: row ``i + 1``).
 
     Returns:
         A tensor of ``x``'s shape, dtype and device.  ``shift`` and ``optimal`` cost O(k d).
@@ -93,6 +95,7 @@ def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str 
         raise ConfigError(f"kind must be one of {quality.LINEAR_KINDS} for linear transform noise, got {kind!r}")
     flag("straight_through", straight_through)
     flag("check", check)
+    shift = shift_direction(shift)
     k, grid = mix_geometry(x, axis, prefix_tokens, grid)
     M = None
     if kind == "dense":
@@ -107,7 +110,7 @@ def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str 
             quality.check_structured(kind, k, alpha)
     with autocast_off(x):
         return reference.linear_transform_noise(x, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens,
-                                                grid=grid, straight_through=straight_through)
+                                                grid=grid, straight_through=straight_through, shift=shift)
 
 
 def _check_seed(generator, seed) -> None:

@@ -390,7 +390,8 @@ def _record_layernorm(recorder: _Recorder, case: dict) -> None:
     dy = torch.empty_like(x)
     dres = torch.empty_like(x) if case["d_residual_out"] else None
     _op_body(ops.mix_add_layernorm_bwd)(dy, dres, residual_out, w, mean, rstd, margs.kind, margs.axis, margs.alpha,
-                                        margs.mix_matrix, margs.prefix_tokens, margs.grid_w, case["mix_after_norm"])
+                                        margs.shift, margs.mix_matrix, margs.prefix_tokens, margs.grid_w,
+                                        case["mix_after_norm"])
 
 
 def _attention_cases(quick: bool, batch: int) -> list[dict]:
@@ -433,7 +434,7 @@ def _record_attention(recorder: _Recorder, case: dict) -> None:
     dy = torch.empty((B, N, H, Dh), dtype=dt, device=meta).transpose(1, 2)
     recorder.case = dict(case, op="noisy_attention_bwd")
     _op_body(ops.noisy_attention_bwd)(dy, q, k, v, saved_o, lse, float(scale), margs.kind, margs.axis, margs.alpha,
-                                      margs.mix_matrix, margs.prefix_tokens, margs.grid_w)
+                                      margs.shift, margs.mix_matrix, margs.prefix_tokens, margs.grid_w)
 
 
 def _random_cases(quick: bool, batch: int) -> list[dict]:

@@ -115,7 +115,7 @@ class NoiseInjection(nn.Module):
                                           not in self._validated_k)
             out = F.linear_transform_noise(x, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, matrix=self.quality_matrix,
                                            prefix_tokens=prefix, grid=grid,
-                                           straight_through=cfg.straight_through, check=check)
+                                           straight_through=cfg.straight_through, check=check, shift=cfg.shift)
             if check and cfg.kind == "dense":
                 self._validated_k.add(F.mixed_size(x, cfg.axis, prefix, grid))
             return out
@@ -135,6 +135,6 @@ class NoiseInjection(nn.Module):
         if c.is_linear:
             parts.append(f"axis={c.axis}")
             if c.kind == "shift":
-                parts.append(f"alpha={c.alpha}")
+                parts.append(f"alpha={c.alpha}, shift={c.shift:+d}")
         parts += [f"prefix_tokens={self.prefix_tokens}", f"train={c.train}", f"eval={c.eval}"]
         return ", ".join(parts)

@@ -17,7 +17,7 @@ import operator
 
 import torch
 
-from ._checks import traced
+from ._checks import shift_direction, traced
 from ._op_codes import KIND_CODES
 from .errors import ConfigError, QualityMatrixError
 
@@ -75,16 +75,20 @@ def check_alpha(alpha) -> float:
     return a
 
 
-def shift(k: int, alpha: float = DEFAULT_ALPHA, *, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Circular-shift quality matrix ``Q = -a I + a P`` with ``P[(i+1) mod k, i] = 1``.
+def shift(k: int, alpha: float = DEFAULT_ALPHA, *, shift: int = 1, dtype=torch.float64, device=None) -> torch.Tensor:
+    """Circular-shift quality matrix ``Q = -a I + a P``.
 
-    Row ``i`` of ``(I + Q) X`` is ``(1 - a) x_i + a x_{(i-1) mod k}``.  For ``k = 1`` the shift is
-    the identity permutation, so ``Q = 0``.
+    ``shift = +1`` (the paper's): ``P[(i+1) mod k, i] = 1``, so row ``i`` of ``(I + Q) X`` is
+    ``(1 - a) x_i + a x_{(i-1) mod k}``.  ``shift = -1`` (the official CNN code): ``P`` transposed, row
+    ``i`` is ``(1 - a) x_i + a x_{(i+1) mod k}``.  Both have the same determinant, dominance and ``dS``.
+    For ``k = 1`` the shift is the identity permutation, so ``Q = 0``.
     """
-    k = _check_k(k)
-    a = check_alpha(alpha)
+    return _shift_q(_check_k(k), check_alpha(alpha), shift_direction(shift), dtype, device)
+
+
+def _shift_q(k: int, a: float, s: int, dtype, device) -> torch.Tensor:
     eye = torch.eye(k, dtype=dtype, device=device)
-    perm = torch.roll(eye, shifts=1, dims=0)  # perm[(i+1) % k, i] = 1
+    perm = torch.roll(eye, shifts=s, dims=0)  # perm[(i+s) % k, i] = 1
     return a * perm - a * eye
 
 
@@ -100,8 +104,10 @@ def optimal(k: int, *, dtype=torch.float64, device=None) -> torch.Tensor:
 
 
 def mixing_matrix(kind: str, k: int, alpha: float = DEFAULT_ALPHA, matrix: torch.Tensor | None = None,
-                  *, dtype=torch.float64, device=None) -> torch.Tensor:
+                  *, shift: int = 1, dtype=torch.float64, device=None) -> torch.Tensor:
     """The mixing matrix ``M = I + Q`` for ``kind`` in ``identity|shift|optimal|dense``.
+
+    ``shift`` is the direction of the ``shift`` kind (see :func:`shift`).
 
     For ``dense``, ``matrix`` is the user's quality matrix ``Q`` (``k x k``); ``M = I + matrix``.
     The result is not validated: call :func:`validate` for that.
@@ -111,7 +117,7 @@ def mixing_matrix(kind: str, k: int, alpha: float = DEFAULT_ALPHA, matrix: torch
     if kind == "identity":
         return eye
     if kind == "shift":
-        return eye + shift(k, alpha, dtype=dtype, device=device)
+        return eye + _shift_q(k, check_alpha(alpha), shift_direction(shift), dtype, device)
     if kind == "optimal":
         return eye + optimal(k, dtype=dtype, device=device)
     if kind == "dense":

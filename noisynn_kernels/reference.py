@@ -37,17 +37,19 @@ __all__ = [
 ]
 
 
-def mix_rows(v: torch.Tensor, kind: str, alpha: float = 0.3, M: torch.Tensor | None = None) -> torch.Tensor:
+def mix_rows(v: torch.Tensor, kind: str, alpha: float = 0.3, M: torch.Tensor | None = None,
+             shift: int = 1) -> torch.Tensor:
     """Apply ``M = I + Q`` along dim 1 of a ``(outer, k, inner)`` tensor.
 
-    ``M`` is the full mixing matrix, needed only for ``kind='dense'``.
+    ``M`` is the full mixing matrix, needed only for ``kind='dense'``; ``shift`` is the direction of
+    the ``shift`` kind (``+1``: row ``i`` receives row ``i - 1``; ``-1``: row ``i + 1``).
     """
     if kind == "identity":
         return v
     k = v.shape[1]
     if kind == "shift":
-        # y_i = (1 - a) x_i + a x_{(i-1) mod k}; roll(+1)[i] = x[i-1].
-        return (1.0 - alpha) * v + alpha * torch.roll(v, shifts=1, dims=1)
+        # y_i = (1 - a) x_i + a x_{(i-s) mod k}; roll(s)[i] = x[i-s].
+        return (1.0 - alpha) * v + alpha * torch.roll(v, shifts=shift, dims=1)
     if kind == "optimal":
         # y_i = (x_i + sum_j x_j) / (k + 1)
         return (v + v.sum(dim=1, keepdim=True)) / (k + 1)
@@ -91,12 +93,14 @@ def mixed_view_shape(shape, axis: str, prefix_tokens: int = 0, grid: tuple[int, 
 
 def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str = "tokens", alpha: float = 0.3,
                            M: torch.Tensor | None = None, prefix_tokens: int = 0,
-                           grid: tuple[int, int] | None = None, straight_through: bool = False) -> torch.Tensor:
+                           grid: tuple[int, int] | None = None, straight_through: bool = False,
+                           shift: int = 1) -> torch.Tensor:
     """``(I + Q) X`` along ``axis``; prefix tokens unchanged.  ``M`` is the full ``k x k`` mixing matrix
-    (``dense`` only).  With ``straight_through`` the forward value is ``M x`` and the gradient the identity."""
+    (``dense`` only), ``shift`` the direction of the ``shift`` kind (see :func:`mix_rows`).  With
+    ``straight_through`` the forward value is ``M x`` and the gradient the identity."""
     head, body = _split_prefix(x, prefix_tokens)
     v = body.reshape(mixed_view_shape(x.shape, axis, prefix_tokens, grid))
-    mixed = mix_rows(v, kind, alpha, M).reshape(body.shape)
+    mixed = mix_rows(v, kind, alpha, M, shift).reshape(body.shape)
     if straight_through:
         mixed = body + (mixed - body).detach()
     return _join_prefix(head, mixed, x)
@@ -177,7 +181,7 @@ def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: to
                       bias: torch.Tensor | None, eps: float = 1e-6, *, kind: str = "identity", axis: str = "tokens",
                       alpha: float = 0.3, M: torch.Tensor | None = None, prefix_tokens: int = 0,
                       grid: tuple[int, int] | None = None, mix_after_norm: bool = False,
-                      straight_through: bool = False):
+                      straight_through: bool = False, shift: int = 1):
     """Residual add, ``(I + Q)`` mix and LayerNorm: returns ``(normed, residual_out)``.
 
     The definition of :func:`noisynn_kernels.mix_add_layernorm`, every option included:
@@ -193,7 +197,7 @@ def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: to
         if kind == "identity":
             return t
         return linear_transform_noise(t, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens, grid=grid,
-                                      straight_through=straight_through)
+                                      straight_through=straight_through, shift=shift)
 
     if mix_after_norm:
         return mix(_layer_norm_keep_dtype(s, weight, bias, eps)), s
@@ -204,7 +208,7 @@ def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None, weight: to
 def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                     kind: str = "identity", axis: str = "tokens", alpha: float = 0.3, M: torch.Tensor | None = None,
                     prefix_tokens: int = 0, grid: tuple[int, int] | None = None,
-                    straight_through: bool = False) -> torch.Tensor:
+                    straight_through: bool = False, shift: int = 1) -> torch.Tensor:
     """``M softmax(q k^T * scale) v`` for ``(B, H, N, Dh)`` inputs, written out (the scores are
     materialised: this is the definition, not a fast path).  ``scale`` defaults to ``Dh ** -0.5``.
 
@@ -222,5 +226,5 @@ def noisy_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         return o
     t = o.transpose(1, 2).reshape(B, N, H * Dh)
     t = linear_transform_noise(t, kind, axis=axis, alpha=alpha, M=M, prefix_tokens=prefix_tokens, grid=grid,
-                               straight_through=straight_through)
+                               straight_through=straight_through, shift=shift)
     return t.reshape(B, N, H, Dh).transpose(1, 2)

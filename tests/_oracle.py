@@ -119,7 +119,8 @@ class Oracle:
         M = quality.mixing_matrix("dense", k, matrix=cfg.matrix).to(t["x"].device) if cfg.kind == "dense" else None
         return reference.mix_add_layernorm(t["x"], t["residual"], t["weight"], t["bias"], eps, kind=cfg.kind,
                                            axis=cfg.axis, alpha=cfg.alpha, M=M, prefix_tokens=prefix, grid=grid,
-                                           mix_after_norm=mix_after_norm, straight_through=cfg.straight_through)
+                                           mix_after_norm=mix_after_norm, straight_through=cfg.straight_through,
+                                           shift=cfg.shift)
 
     @staticmethod
     def grads(t, outs, vals, use=("normed", "residual_out")):
@@ -136,14 +137,14 @@ class Oracle:
 
     def run_case(self, B, N, D, prefix, kind, axis, mix_after_norm, dtype, *, has_res=True, has_w=True,
                  has_b=True, grid=None, noncontig=False, alpha=ALPHA, straight_through=False,
-                 use=("normed", "residual_out"), seed=0, backward=True):
+                 use=("normed", "residual_out"), seed=0, backward=True, shift=1):
         """One case: outputs and (``backward``) every gradient against the fp64 reference, by the tolerance
         rule above."""
         n = N - prefix
         if axis == "rows" and grid is None:
             grid = (math.isqrt(n), math.isqrt(n))
         k = mixed_k(B, N, axis, prefix, grid)
-        cfg = make_config(kind, axis, k, alpha=alpha, seed=seed, straight_through=straight_through)
+        cfg = make_config(kind, axis, k, alpha=alpha, seed=seed, straight_through=straight_through, shift=shift)
         vals, leaves = self.make_inputs(B, N, D, has_res=has_res, has_w=has_w, has_b=has_b, seed=seed)
         atol = ATOL[dtype]
         t = leaves(dtype, contiguous=not noncontig)

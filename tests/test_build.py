@@ -253,11 +253,11 @@ needs_cuda_ops = pytest.mark.skipif(not hasattr(torch.ops.noisynn, "mix_add_laye
 def test_cuda_op_meta_shapes(dtype):
     x = torch.empty(3, 7, 40, dtype=dtype, device="meta")
     normed, res_out, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, None, None, None, 1e-6, 2, 0, 0.3,
-                                                                               None, 1, 1, False, False)
+                                                                               1, None, 1, 1, False, False)
     assert normed.shape == res_out.shape == (3, 7, 40) and normed.dtype == res_out.dtype == dtype
     assert mean.shape == rstd.shape == (21,) and mean.dtype == rstd.dtype == torch.float32
-    dx, dw, db = torch.ops.noisynn.mix_add_layernorm_bwd_cpp(normed, None, res_out, None, mean, rstd, 2, 0, 0.3, None,
-                                                              1, 1, False)
+    dx, dw, db = torch.ops.noisynn.mix_add_layernorm_bwd_cpp(normed, None, res_out, None, mean, rstd, 2, 0, 0.3, 1,
+                                                              None, 1, 1, False)
     assert dx.shape == (3, 7, 40) and dx.dtype == dtype
     assert dw.shape == db.shape == (40,) and dw.dtype == db.dtype == torch.float32
 
@@ -269,8 +269,8 @@ def test_cuda_op_fake_tensors_on_a_cuda_device():
     with FakeTensorMode():
         x = torch.empty(2, 9, 16, dtype=torch.bfloat16, device="cuda")
         M = torch.empty(8, 8, device="cuda")
-        normed, res_out, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, x, None, None, 1e-6, 3, 0, 0.3, M,
-                                                                                   1, 1, True, False)
+        normed, res_out, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, x, None, None, 1e-6, 3, 0, 0.3, 1,
+                                                                                   M, 1, 1, True, False)
         assert normed.device.type == "cuda" and normed.shape == (2, 9, 16) and mean.shape == (18,)
 
 
@@ -281,8 +281,8 @@ def test_cuda_op_autograd_on_meta_tensors(straight_through):
     input a gradient of its shape and dtype."""
     x, r = (torch.empty(2, 5, 8, dtype=torch.bfloat16, device="meta", requires_grad=True) for _ in range(2))
     w, b = (torch.empty(8, device="meta", requires_grad=True) for _ in range(2))
-    normed, res_out, _, _ = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, r, w, b, 1e-6, 1, 0, 0.3, None, 1, 1,
-                                                                         False, straight_through)
+    normed, res_out, _, _ = torch.ops.noisynn.mix_add_layernorm_fwd_cpp(x, r, w, b, 1e-6, 1, 0, 0.3, -1, None, 1,
+                                                                         1, False, straight_through)
     (normed.float().sum() + res_out.float().sum()).backward()
     assert x.grad.shape == r.grad.shape == (2, 5, 8) and x.grad.dtype == r.grad.dtype == torch.bfloat16
     assert w.grad.shape == b.grad.shape == (8,) and w.grad.dtype == b.grad.dtype == torch.float32

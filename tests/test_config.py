@@ -198,12 +198,35 @@ def test_official_vit():
     assert c.axis == "tokens" and not c.mixes_batch
 
 
+@pytest.mark.parametrize("bad", (0, 2, -2, 1.0, True, "1", None))
+def test_shift_direction_must_be_plus_or_minus_one(bad):
+    with pytest.raises(ConfigError, match="shift must be"):
+        NoiseConfig(kind="shift", shift=bad)
+
+
+def test_shift_direction_default_and_round_trip():
+    c = NoiseConfig(kind="shift")
+    assert c.shift == 1
+    c = NoiseConfig(kind="shift", shift=-1)
+    assert c.to_dict()["shift"] == -1 and NoiseConfig.coerce(c.to_dict()) == c
+    assert c != NoiseConfig(kind="shift")
+
+
+def test_official_vit_salt_and_pepper():
+    with pytest.raises(BatchDependenceError):
+        NoiseConfig.official_vit_salt_and_pepper()
+    c = NoiseConfig.official_vit_salt_and_pepper(0.3, allow_batch_dependence=True)
+    assert (c.kind, c.p, c.value_range, c.position, c.layer, c.train, c.eval) == (
+        "salt_and_pepper", 0.3, "batch", "attn_input", -1, False, True)
+    assert NoiseConfig.official_vit_salt_and_pepper(eval=False).batch_dependent
+
+
 def test_official_cnn():
     with pytest.raises(BatchDependenceError):
         NoiseConfig.official_cnn()
     c = NoiseConfig.official_cnn(allow_batch_dependence=True)
-    assert (c.kind, c.alpha, c.axis, c.position, c.layer, c.train, c.eval) == (
-        "shift", 0.4, "batch", "block_input", -1, True, True)
+    assert (c.kind, c.alpha, c.shift, c.straight_through, c.axis, c.position, c.layer, c.train, c.eval) == (
+        "shift", 0.4, -1, True, "batch", "block_input", -1, True, True)
     c = NoiseConfig.official_cnn(eval=False)
     assert c.active(True) and not c.active(False)
 

@@ -199,10 +199,10 @@ def test_triton_layernorm_ops_take_empty_inputs():
     for shape in ((0, 5, 8), (2, 0, 8)):
         x = torch.zeros(shape, device=DEVICE)
         normed, rout, mean, rstd = torch.ops.noisynn.mix_add_layernorm_fwd(x, None, None, None, 1e-6, 2, 0, 0.3,
-                                                                           None, 0, 1, False, False)
+                                                                           1, None, 0, 1, False, False)
         assert normed.shape == rout.shape == shape and mean.shape == rstd.shape == (0,)
-        dx, dw, db = torch.ops.noisynn.mix_add_layernorm_bwd(normed, None, rout, None, mean, rstd, 2, 0, 0.3, None,
-                                                             0, 1, False)
+        dx, dw, db = torch.ops.noisynn.mix_add_layernorm_bwd(normed, None, rout, None, mean, rstd, 2, 0, 0.3, 1,
+                                                             None, 0, 1, False)
         assert dx.shape == shape and torch.equal(dw, torch.zeros(8, device=DEVICE)) and torch.equal(db, dw)
 
 

@@ -173,6 +173,43 @@ def test_straight_through(oracle, kind, mix_after_norm):
 
 
 @backends(*ALL)
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("mix_after_norm", (False, True))
+@pytest.mark.parametrize("straight_through", (False, True))
+def test_shift_direction(oracle, axis, mix_after_norm, straight_through):
+    """``shift=-1`` (row ``i`` reads row ``i + 1``, the official CNN code's direction): outputs and gradients
+    against the reference, on every axis, in both orders, with and without straight-through."""
+    oracle.run_case(3, 1 + 16, 123, 1, "shift", axis, mix_after_norm, torch.float32, shift=-1,
+                    straight_through=straight_through)
+
+
+@backends(*ALL)
+@pytest.mark.parametrize("shift", (1, -1))
+def test_shift_direction_formula(backend, shift):
+    """Stated as a formula, independently of the reference: on the batch axis sample ``b`` of ``residual_out``
+    is ``(1 - a) x_b + a x_{(b - shift) mod B}`` (``shift=-1``: ``x_{b+1}``, the official ``cat(x[1:], x[:1])``),
+    prefix tokens unmixed; with ``straight_through`` the gradient wrt ``x`` is the upstream gradient itself."""
+    B, N, D, a = 4, 1 + 6, 40, 0.4
+    x = torch.randn(B, N, D, generator=gen(21)).to(backend.device).requires_grad_()
+    for st in (False, True):
+        cfg = NoiseConfig(kind="shift", alpha=a, shift=shift, axis="batch", straight_through=st,
+                          allow_batch_dependence=True)
+        _, res_out = nk.mix_add_layernorm(x, None, None, None, mix=cfg, prefix_tokens=1, backend=backend.name)
+        xd = x.detach()
+        partner = torch.stack([xd[(b - shift) % B] for b in range(B)])
+        expected = torch.cat([xd[:, :1], (1 - a) * xd[:, 1:] + a * partner[:, 1:]], dim=1)
+        torch.testing.assert_close(res_out, expected, rtol=1e-5, atol=1e-5)
+        g = torch.randn(B, N, D, generator=gen(22)).to(backend.device)
+        (dx,) = torch.autograd.grad((res_out * g).sum(), x)
+        if st:
+            torch.testing.assert_close(dx, g, rtol=0, atol=0)
+        else:  # M^T g: sample b collects its own share and the share it gave to the sample that read it
+            back = torch.stack([g[(b + shift) % B] for b in range(B)])
+            exp_dx = torch.cat([g[:, :1], (1 - a) * g[:, 1:] + a * back[:, 1:]], dim=1)
+            torch.testing.assert_close(dx, exp_dx, rtol=1e-5, atol=1e-5)
+
+
+@backends(*ALL)
 @pytest.mark.parametrize("use", (("normed",), ("residual_out",)))
 @pytest.mark.parametrize("kind,mix_after_norm", (("optimal", False), ("shift", True)))
 def test_one_output_used(oracle, use, kind, mix_after_norm):
@@ -369,8 +406,8 @@ def test_weight_gradients_are_deterministic(backend):
     dy = torch.randn(B, N, D, generator=g).to(backend.device, torch.bfloat16)
     code = KIND_CODES["optimal"]
     for man in (False, True):
-        _, r, mean, rstd = fwd(x, None, w, b, 1e-6, code, 0, ALPHA, None, 1, 1, man, False)
-        runs = [bwd(dy, None, r, w, mean, rstd, code, 0, ALPHA, None, 1, 1, man) for _ in range(3)]
+        _, r, mean, rstd = fwd(x, None, w, b, 1e-6, code, 0, ALPHA, 1, None, 1, 1, man, False)
+        runs = [bwd(dy, None, r, w, mean, rstd, code, 0, ALPHA, 1, None, 1, 1, man) for _ in range(3)]
         for other in runs[1:]:
             for a, c in zip(runs[0], other):
                 assert torch.equal(a, c)
@@ -386,18 +423,19 @@ def test_cuda_matches_cpu_kernel(backend):
     g = gen(5)
     x, r = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
     w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
-    for kind, axis, man in itertools.product(KINDS, AXES, (False, True)):
+    cases = [(kind, 1) for kind in KINDS] + [("shift", -1)]
+    for (kind, shift), axis, man in itertools.product(cases, AXES, (False, True)):
         k = mixed_k(B, N, axis, prefix, (4, 4))
         M = quality.mixing_matrix("dense", k, matrix=dense_q(k)).float() if kind == "dense" else None
         grid_w = 4 if axis == "rows" else 1
-        args = (1e-6, KIND_CODES[kind], AXIS_CODES[axis], ALPHA)
+        args = (1e-6, KIND_CODES[kind], AXIS_CODES[axis], ALPHA, shift)
         tail = (prefix, grid_w, man, False)
         ours = fwd(x.cuda(), r.cuda(), w.cuda(), b.cuda(), *args, None if M is None else M.cuda(), *tail)
         theirs = fwd(x, r, w, b, *args, M, *tail)
         for o, t in zip(ours, theirs):
             torch.testing.assert_close(o.cpu(), t, rtol=1e-5, atol=1e-5)
         dy, dres = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
-        bargs = (KIND_CODES[kind], AXIS_CODES[axis], ALPHA)
+        bargs = (KIND_CODES[kind], AXIS_CODES[axis], ALPHA, shift)
         ours = bwd(dy.cuda(), dres.cuda(), ours[1], w.cuda(), ours[2], ours[3], *bargs,
                    None if M is None else M.cuda(), prefix, grid_w, man)
         theirs = bwd(dy, dres, theirs[1], w, theirs[2], theirs[3], *bargs, M, prefix, grid_w, man)
@@ -484,15 +522,16 @@ def test_opcheck(backend, kind, mix_after_norm, axis):
 
     x, r, w, b, M, prefix, grid_w = _op_args(kind, axis, backend.device, requires_grad=True)
     code, axis_code = KIND_CODES[kind], AXIS_CODES[axis]
-    opcheck(fwd.default, (x, r, w, b, 1e-6, code, axis_code, ALPHA, M, prefix, grid_w, mix_after_norm, False))
-    opcheck(fwd.default, (x, None, None, None, 1e-6, code, axis_code, ALPHA, M, prefix, grid_w, mix_after_norm, True))
+    opcheck(fwd.default, (x, r, w, b, 1e-6, code, axis_code, ALPHA, 1, M, prefix, grid_w, mix_after_norm, False))
+    opcheck(fwd.default, (x, None, None, None, 1e-6, code, axis_code, ALPHA, -1, M, prefix, grid_w, mix_after_norm,
+                          True))
     with torch.no_grad():
-        _, res_out, mean, rstd = fwd(x, r, w, b, 1e-6, code, axis_code, ALPHA, M, prefix, grid_w, mix_after_norm,
+        _, res_out, mean, rstd = fwd(x, r, w, b, 1e-6, code, axis_code, ALPHA, 1, M, prefix, grid_w, mix_after_norm,
                                      False)
     dy, dres = torch.randn_like(res_out), torch.randn_like(res_out)
-    for bwd_args in ((dy, dres, res_out, w.detach(), mean, rstd, code, axis_code, ALPHA, M, prefix, grid_w,
+    for bwd_args in ((dy, dres, res_out, w.detach(), mean, rstd, code, axis_code, ALPHA, 1, M, prefix, grid_w,
                       mix_after_norm),
-                     (dy, None, res_out, None, mean, rstd, code, axis_code, ALPHA, M, prefix, grid_w,
+                     (dy, None, res_out, None, mean, rstd, code, axis_code, ALPHA, -1, M, prefix, grid_w,
                       mix_after_norm)):
         opcheck(bwd.default, bwd_args)
 
@@ -505,10 +544,10 @@ def test_fake_shapes(backend, dtype):
     fwd, bwd = _ops(backend.name)
     with FakeTensorMode():
         x = torch.empty(3, 7, 40, dtype=dtype, device=backend.device)
-        normed, res_out, mean, rstd = fwd(x, None, None, None, 1e-6, 2, 0, ALPHA, None, 1, 1, False, False)
+        normed, res_out, mean, rstd = fwd(x, None, None, None, 1e-6, 2, 0, ALPHA, 1, None, 1, 1, False, False)
         assert normed.shape == res_out.shape == (3, 7, 40) and normed.dtype == res_out.dtype == dtype
         assert mean.shape == rstd.shape == (21,) and mean.dtype == rstd.dtype == torch.float32
-        dx, dw, db = bwd(normed, None, res_out, None, mean, rstd, 2, 0, ALPHA, None, 1, 1, False)
+        dx, dw, db = bwd(normed, None, res_out, None, mean, rstd, 2, 0, ALPHA, 1, None, 1, 1, False)
         assert dx.shape == (3, 7, 40) and dx.dtype == dtype
         assert dw.shape == db.shape == (40,) and dw.dtype == db.dtype == torch.float32
 
@@ -518,13 +557,15 @@ def test_op_errors(backend):
     x = torch.randn(2, 5, 8, device=backend.device)
     op = _ops(backend.name)[0]
     with pytest.raises(RuntimeError, match="kind code"):
-        op(x, None, None, None, 1e-6, 7, 0, ALPHA, None, 0, 1, False, False)
+        op(x, None, None, None, 1e-6, 7, 0, ALPHA, 1, None, 0, 1, False, False)
     with pytest.raises(RuntimeError, match="needs mix_matrix"):
-        op(x, None, None, None, 1e-6, 3, 0, ALPHA, None, 0, 1, False, False)
+        op(x, None, None, None, 1e-6, 3, 0, ALPHA, 1, None, 0, 1, False, False)
     with pytest.raises(RuntimeError, match="grid_w"):
-        op(x, None, None, None, 1e-6, 1, 1, ALPHA, None, 0, 3, False, False)
+        op(x, None, None, None, 1e-6, 1, 1, ALPHA, 1, None, 0, 3, False, False)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        op(x.double(), None, None, None, 1e-6, 1, 0, ALPHA, None, 0, 1, False, False)
+        op(x.double(), None, None, None, 1e-6, 1, 0, ALPHA, 1, None, 0, 1, False, False)
+    with pytest.raises(RuntimeError, match="shift must be"):
+        op(x, None, None, None, 1e-6, 1, 0, ALPHA, 2, None, 0, 1, False, False)
 
 
 @backends("cuda")
@@ -532,9 +573,9 @@ def test_cuda_op_errors(backend):
     x = torch.randn(2, 5, 8, device=backend.device)
     op = _ops(backend.name)[0]
     with pytest.raises(RuntimeError, match="residual is on"):
-        op(x, x.cpu(), None, None, 1e-6, 1, 0, ALPHA, None, 0, 1, False, False)
+        op(x, x.cpu(), None, None, 1e-6, 1, 0, ALPHA, 1, None, 0, 1, False, False)
     with pytest.raises(RuntimeError, match="shared memory"):
-        op(torch.randn(1, 2, 1 << 17, device=backend.device), None, None, None, 1e-6, 0, 0, ALPHA, None, 0, 1, False,
+        op(torch.randn(1, 2, 1 << 17, device=backend.device), None, None, None, 1e-6, 0, 0, ALPHA, 1, None, 0, 1, False,
            False)
 
 

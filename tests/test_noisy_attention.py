@@ -65,7 +65,8 @@ def oracle(qkv, cfg, prefix, grid, scale=None):
     if cfg.kind == "dense":
         M = quality.mixing_matrix("dense", mixed_k(q.shape[0], q.shape[2], cfg.axis, prefix, grid), matrix=cfg.matrix)
     return reference.noisy_attention(q, k, v, scale=scale, kind=cfg.kind, axis=cfg.axis, alpha=cfg.alpha, M=M,
-                                     prefix_tokens=prefix, grid=grid, straight_through=cfg.straight_through)
+                                     prefix_tokens=prefix, grid=grid, straight_through=cfg.straight_through,
+                                     shift=cfg.shift)
 
 
 def grads(params, out, gy):
@@ -73,14 +74,15 @@ def grads(params, out, gy):
 
 
 def run_case(backend, B, H, N, Dh, prefix, kind, axis, dtype, *, grid=None, fused=False, straight_through=False,
-             scale=None, seed=0, backward=True):
+             scale=None, seed=0, backward=True, shift=1):
     """One case on ``backend``: ``y`` and (``backward``) dq, dk, dv against the fp64 oracle on the CPU, by the
     tolerance rule."""
     backend.skip_unless(dtype)
     if axis == "rows" and grid is None:
         side = math.isqrt(N - prefix)
         grid = (side, side)
-    cfg = make_config(kind, axis, mixed_k(B, N, axis, prefix, grid), seed=seed, straight_through=straight_through)
+    cfg = make_config(kind, axis, mixed_k(B, N, axis, prefix, grid), seed=seed, straight_through=straight_through,
+                      shift=shift)
     inp = Inputs(B, H, N, Dh, seed)
     params, qkv = inp.leaves(dtype, backend.device, fused=fused)
     y = noisy_attention(*qkv, mix=cfg, scale=scale, prefix_tokens=prefix, grid=grid if axis == "rows" else None,
@@ -127,6 +129,29 @@ def _main_cases():
                          indirect=["backend"])
 def test_matches_reference(backend, N, Dh, prefix, kind, axis, dtype, fused):
     run_case(backend, 2, 2, N, Dh, prefix, kind, axis, dtype, fused=fused)
+
+
+@backends(*ALL)
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize("straight_through", (False, True))
+def test_shift_direction(backend, axis, straight_through):
+    """``shift=-1`` (query row ``i`` reads row ``i + 1``): output and dq, dk, dv against the reference; N spans
+    two tiles, so the partner of a tile's last row lies in the next tile."""
+    run_case(backend, 3, 2, 1 + 49, 32, 1, "shift", axis, torch.float32, shift=-1, straight_through=straight_through)
+
+
+@backends(*ALL)
+def test_shift_direction_formula(backend):
+    """Stated as a formula: with ``shift=-1`` on the tokens axis, patch token ``n`` of the output is
+    ``(1 - a) o_n + a o_{n+1}`` (cyclic over the patch tokens) of the unmixed attention output ``o``."""
+    B, H, N, Dh, a = 2, 2, 1 + 9, 16, 0.25
+    q, k, v = (torch.randn(B, H, N, Dh, generator=gen(30 + i)).to(backend.device) for i in range(3))
+    cfg = NoiseConfig(kind="shift", alpha=a, shift=-1, axis="tokens")
+    y = noisy_attention(q, k, v, mix=cfg, prefix_tokens=1, backend=backend.name).cpu()
+    o = F.scaled_dot_product_attention(q, k, v).cpu()
+    nxt = torch.cat([o[:, :, 2:], o[:, :, 1:2]], dim=2)  # patch token n + 1, wrapping to the first patch token
+    torch.testing.assert_close(y[:, :, 1:], (1 - a) * o[:, :, 1:] + a * nxt, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y[:, :, :1], o[:, :, :1], rtol=1e-4, atol=1e-5)
 
 
 @backends(*ALL)
@@ -263,13 +288,13 @@ def test_automatic_backend_on_cpu_is_reference(monkeypatch):
 # registration
 
 
-def _op_args(kind, axis, device, B=2, H=2, N=1 + 16, Dh=32, prefix=1, requires_grad=False):
+def _op_args(kind, axis, device, B=2, H=2, N=1 + 16, Dh=32, prefix=1, requires_grad=False, shift=1):
     g = gen(7)
     q, k, v = (torch.randn(B, H, N, Dh, generator=g).to(device).requires_grad_(requires_grad) for _ in range(3))
     K = mixed_k(B, N, axis, prefix, (4, 4))
     M = quality.mixing_matrix("dense", K, matrix=dense_q(K)).float().to(device) if kind == "dense" else None
     grid_w = 4 if axis == "rows" else 1
-    return (q, k, v, Dh ** -0.5, KIND_CODES[kind], AXIS_CODES[axis], ALPHA, M, prefix, grid_w)
+    return (q, k, v, Dh ** -0.5, KIND_CODES[kind], AXIS_CODES[axis], ALPHA, shift, M, prefix, grid_w)
 
 
 # test_aot_dispatch_* cannot run in the interpreter (wrap_triton returns a bare InterpretedFunction there, which
@@ -291,7 +316,7 @@ def test_opcheck(backend, kind, axis):
                         "(every pair on a GPU)")
         kw = {"test_utils": INTERPRETER_OPCHECK}
     fwd, bwd = _ops()
-    args = _op_args(kind, axis, backend.device, requires_grad=True)
+    args = _op_args(kind, axis, backend.device, requires_grad=True, shift=-1 if kind == "shift" else 1)
     fwd_args = args + (False,)
     torch.library.opcheck(fwd.default, fwd_args, **kw)
     with torch.no_grad():
@@ -309,13 +334,13 @@ def test_fake_shapes(backend):
     fwd, bwd = _ops()
     with FakeTensorMode():
         q = torch.empty(3, 4, 17, 80, dtype=torch.float16, device=backend.device)
-        y, o, lse = fwd(q, q, q, 0.1, KIND_CODES["optimal"], 0, ALPHA, None, 1, 1, False)
+        y, o, lse = fwd(q, q, q, 0.1, KIND_CODES["optimal"], 0, ALPHA, 1, None, 1, 1, False)
         assert y.shape == o.shape == (3, 4, 17, 80) and y.dtype == torch.float16
         assert y.stride() == (17 * 4 * 80, 80, 4 * 80, 1)
         assert lse.shape == (3, 4, 17) and lse.dtype == torch.float32
-        y, o, lse = fwd(q, q, q, 0.1, KIND_CODES["identity"], 0, ALPHA, None, 1, 1, False)
+        y, o, lse = fwd(q, q, q, 0.1, KIND_CODES["identity"], 0, ALPHA, 1, None, 1, 1, False)
         assert o.numel() == 0
-        dq, dk, dv = bwd(y, q, q, q, y, lse, 0.1, 0, 0, ALPHA, None, 1, 1)
+        dq, dk, dv = bwd(y, q, q, q, y, lse, 0.1, 0, 0, ALPHA, 1, None, 1, 1)
         assert dq.shape == dk.shape == dv.shape == (3, 4, 17, 80)
 
 

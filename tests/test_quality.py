@@ -60,6 +60,30 @@ def test_shift_row_form(k):
         torch.testing.assert_close(y[i], (1 - a) * x[i] + a * x[(i - 1) % k], rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("k", (1, 2, 3, 6))
+def test_reverse_shift_row_form(k):
+    """``shift=-1``: row i of (I + Q) X is (1 - a) x_i + a x_{(i+1) mod k}; Q is the +1 shift's transpose, with
+    the same determinant (so the same dS, invertibility and dominance)."""
+    a = 0.4
+    x = torch.randn(k, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    q = quality.shift(k, a, shift=-1)
+    torch.testing.assert_close(q, quality.shift(k, a).T, rtol=0, atol=0)
+    M = quality.mixing_matrix("shift", k, a, shift=-1)
+    torch.testing.assert_close(M, torch.eye(k, dtype=torch.float64) + q, rtol=0, atol=0)
+    y = M @ x
+    for i in range(k):
+        torch.testing.assert_close(y[i], (1 - a) * x[i] + a * x[(i + 1) % k], rtol=0, atol=1e-14)
+    assert quality.entropy_change(M) == pytest.approx(quality.shift_entropy_change(k, a), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("bad", (0, 2, 1.0, True))
+def test_shift_direction_is_checked(bad):
+    with pytest.raises(ConfigError, match="shift must be"):
+        quality.shift(4, 0.3, shift=bad)
+    with pytest.raises(ConfigError, match="shift must be"):
+        quality.mixing_matrix("shift", 4, 0.3, shift=bad)
+
+
 @pytest.mark.parametrize("k", KS)
 def test_optimal_matches_definition(k):
     q = quality.optimal(k)

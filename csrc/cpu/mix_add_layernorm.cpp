@@ -101,19 +101,19 @@ const Kernels& kernels() {
 }
 
 cpu::MixGeometry geometry(int64_t B, int64_t N, int64_t D, int64_t P, int64_t grid_w, int64_t kind, int64_t axis,
-                          double alpha, const Tensor& M) {
+                          double alpha, int64_t shift, const Tensor& M) {
   return cpu::MixGeometry{B, N, D, P, grid_w, kind, axis, static_cast<float>(alpha),
-                          M.defined() ? M.const_data_ptr<float>() : nullptr};
+                          M.defined() ? M.const_data_ptr<float>() : nullptr, kind == KIND_SHIFT && shift < 0};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
     const Tensor& x_in, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, double eps, int64_t kind, int64_t axis, double alpha,
+    const std::optional<Tensor>& bias, double eps, int64_t kind, int64_t axis, double alpha, int64_t shift,
     const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w, bool mix_after_norm,
     bool straight_through) {
   (void)straight_through;  // only changes the backward (handled by the autograd formula)
   constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cpp (CPU)";
-  op_checks::check_common(op, x_in, c10::DeviceType::CPU, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, x_in, c10::DeviceType::CPU, kind, axis, shift, prefix_tokens, grid_w);
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
   const Tensor x = x_in.contiguous();
   Tensor res;
@@ -134,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
   const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
   const Tensor M = op_checks::dense_matrix(op, mix_matrix, kind, K, at::kCPU);
   cpu::FwdArgs a{};
-  a.g = geometry(B, N, D, prefix_tokens, grid_w, kind, axis, alpha, M);
+  a.g = geometry(B, N, D, prefix_tokens, grid_w, kind, axis, alpha, shift, M);
   a.dtype = x.scalar_type();
   a.eps = static_cast<float>(eps);
   a.mix_after_norm = mix_after_norm;
@@ -153,10 +153,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(
 std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
     const Tensor& d_normed, const std::optional<Tensor>& d_residual_out, const Tensor& residual_out,
     const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd, int64_t kind, int64_t axis,
-    double alpha, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
+    double alpha, int64_t shift, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
     bool mix_after_norm) {
   constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cpp (CPU)";
-  op_checks::check_common(op, residual_out, c10::DeviceType::CPU, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, residual_out, c10::DeviceType::CPU, kind, axis, shift, prefix_tokens, grid_w);
   const int64_t B = residual_out.size(0), N = residual_out.size(1), D = residual_out.size(2);
   const auto dtype = residual_out.scalar_type();
   TORCH_CHECK(d_normed.sizes() == residual_out.sizes(), op, ": d_normed has shape ", d_normed.sizes(), ", expected ",
@@ -184,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cpu(
     const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
     const Tensor M = op_checks::dense_matrix(op, mix_matrix, kind, K, at::kCPU);
     cpu::BwdArgs a{};
-    a.g = geometry(B, N, D, prefix_tokens, grid_w, kind, axis, alpha, M);
+    a.g = geometry(B, N, D, prefix_tokens, grid_w, kind, axis, alpha, shift, M);
     a.dtype = dtype;
     a.mix_after_norm = mix_after_norm;
     a.dy = dy.const_data_ptr();

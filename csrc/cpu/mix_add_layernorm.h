@@ -25,11 +25,14 @@ namespace noisynn {
 namespace cpu {
 
 // What is mixed and how: (B, N, D) tokens, P prefix tokens, grid_w (axis rows), kind / axis codes,
-// alpha (shift) and the K x K fp32 mixing matrix (dense; else nullptr).
+// alpha (shift), the K x K fp32 mixing matrix (dense; else nullptr) and `reverse`: a shift of
+// direction -1 (row i reads row i+1), whose M is the transpose of the +1 shift's, so the kernels run
+// the transposed mix forward and the plain one backward (set for the shift kind only).
 struct MixGeometry {
   int64_t B, N, D, P, grid_w, kind, axis;
   float alpha;
   const float* mix;
+  bool reverse;
 };
 
 // Forward.  x, res (nullptr: none): (B * N, D) of `dtype`; w, b: (D,) fp32 or nullptr.  Writes

@@ -475,7 +475,7 @@ void fwd_impl(const FwdArgs& A) {
       sp[row] = rs;
       normalize_store(v, mu, rs, wp, bp, yp + row * D, D);  // straight into the output: no extra copy
     };
-    run_rows(G, kind, alpha, mix, false, src, sink);
+    run_rows(G, kind, alpha, mix, A.g.reverse, src, sink);
   } else {
     // residual_out = s, normed = M LN(s)
     auto src = [=](int64_t row, float* out, bool first, float*) {
@@ -489,7 +489,7 @@ void fwd_impl(const FwdArgs& A) {
       normalize_store(out, mu, rs, wp, bp, out, D);
     };
     auto sink = [=](int64_t row, float* v, float*) { convert_row(v, yp + row * D, D); };
-    run_rows(G, kind, alpha, mix, false, src, sink);
+    run_rows(G, kind, alpha, mix, A.g.reverse, src, sink);
   }
 }
 
@@ -555,7 +555,7 @@ void bwd_impl(const BwdArgs& A) {
     // g = LN-backward(dy) + d_residual_out (gradient wrt r = M s); dx = M^T g
     auto src = [=](int64_t row, float* out, bool first, float* scratch) { ln_back(row, dyp + row * D, out, first, scratch); };
     auto sink = [=](int64_t row, float* v, float*) { convert_row(v, dxp + row * D, D); };
-    run_rows(G, kind, alpha, mix, true, src, sink);
+    run_rows(G, kind, alpha, mix, !A.g.reverse, src, sink);
   } else {
     // dz = M^T dy; dx = LN-backward(dz) + d_residual_out
     auto src = [=](int64_t row, float* out, bool, float*) { convert_row(dyp + row * D, out, D); };
@@ -563,7 +563,7 @@ void bwd_impl(const BwdArgs& A) {
       ln_back(row, v, v, true, scratch);
       convert_row(v, dxp + row * D, D);
     };
-    run_rows(G, kind, alpha, mix, true, src, sink);
+    run_rows(G, kind, alpha, mix, !A.g.reverse, src, sink);
   }
 }
 

@@ -27,7 +27,8 @@
 //     [optimal: group_sum(dy)] -> BWD_LN: dz = M^T dy, dweight / dbias, dx
 //   identity: one FWD_LN / BWD_LN stage, unmixed.
 //
-// Mixing (as the CPU kernel): shift y_i = (1 - a) s_i + a s_{i-1} (transposed: s_{i+1}), indices mod K;
+// Mixing (as the CPU kernel): shift y_i = (1 - a) s_i + a s_{i-1} (transposed: s_{i+1}; a shift of
+// direction -1 is the transposed one, so `reverse` flips the partner), indices mod K;
 // optimal y_i = (s_i + sum_j s_j) / (K + 1) with the column sum from group_sum_kernel (M is symmetric);
 // dense y_i = sum_j M[i, j] s_j (M^T when transposed), zero entries skipped.
 //
@@ -81,6 +82,7 @@ struct RowParams {
   // mixing
   int kind;
   bool transpose;
+  bool reverse;  // shift of direction -1: partner i + 1 forward, i - 1 transposed
   float alpha, inv_k1;  // inv_k1 = 1 / (K + 1)
   const float* mix;     // (K, K) fp32 (dense)
   const float* colsum;  // (groups, D) fp32 (optimal)
@@ -263,7 +265,7 @@ __device__ __forceinline__ void mixed_vec(const RowParams<T>& p, const RowPlace&
   if (!at.patch || p.kind == KIND_IDENTITY) {
     source<STAGE, VEC>(p, row, d, v);
   } else if (p.kind == KIND_SHIFT) {
-    const int64_t j = p.transpose ? (at.i + 1 == p.K ? 0 : at.i + 1) : (at.i == 0 ? p.K - 1 : at.i - 1);
+    const int64_t j = (p.transpose != p.reverse) ? (at.i + 1 == p.K ? 0 : at.i + 1) : (at.i == 0 ? p.K - 1 : at.i - 1);
     float u[VEC];
     source<STAGE, VEC>(p, row, d, v);
     source<STAGE, VEC>(p, at.base + j * p.stride, d, u);
@@ -588,6 +590,7 @@ RowParams<T> base_params(const MixSpec& s, const Geometry& G, float eps) {
   p.axis = static_cast<int>(s.axis);
   p.D = static_cast<int>(s.D);
   p.kind = static_cast<int>(s.kind);
+  p.reverse = s.reverse;
   p.alpha = s.alpha;
   p.inv_k1 = 1.0f / static_cast<float>(G.K + 1);
   p.mix = s.mix.defined() ? s.mix.const_data_ptr<float>() : nullptr;

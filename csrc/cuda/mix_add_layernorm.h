@@ -16,12 +16,14 @@ namespace noisynn {
 namespace cuda {
 
 // What is mixed and how: (B, N, D) tokens, P prefix tokens, the kind / axis codes, alpha (shift),
-// grid_w (axis rows), and the K x K fp32 mixing matrix on the tensors' device (dense; else undefined).
+// grid_w (axis rows), the K x K fp32 mixing matrix on the tensors' device (dense; else undefined) and
+// `reverse`: a shift of direction -1 (row i reads row i+1; M is the +1 shift's transpose).
 struct MixSpec {
   int64_t B, N, D, P, grid_w;
   int64_t kind, axis;
   float alpha;
   at::Tensor mix;
+  bool reverse;
 };
 
 // Forward.  x, res: (B, N, D) of one dtype (res may be undefined); w, b: (D,) fp32 or undefined.

@@ -24,12 +24,12 @@ using op_checks::param_f32;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
     const Tensor& x_in, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias, double eps, int64_t kind, int64_t axis, double alpha,
+    const std::optional<Tensor>& bias, double eps, int64_t kind, int64_t axis, double alpha, int64_t shift,
     const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w, bool mix_after_norm,
     bool straight_through) {
   (void)straight_through;  // only changes the backward (handled by the autograd formula)
   constexpr const char* op = "noisynn::mix_add_layernorm_fwd_cpp (CUDA)";
-  op_checks::check_common(op, x_in, c10::DeviceType::CUDA, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, x_in, c10::DeviceType::CUDA, kind, axis, shift, prefix_tokens, grid_w);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), N = x_in.size(1), D = x_in.size(2);
   const Tensor x = x_in.contiguous();
@@ -49,7 +49,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
   if (x.numel() == 0) return {normed, rout, mean, rstd};
   const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
   const cuda::MixSpec spec{B, N, D, prefix_tokens, grid_w, kind, axis, static_cast<float>(alpha),
-                           op_checks::dense_matrix(op, mix_matrix, kind, K, x.device())};
+                           op_checks::dense_matrix(op, mix_matrix, kind, K, x.device()), kind == KIND_SHIFT && shift < 0};
   cuda::launch_fwd(x, res, w, b, static_cast<float>(eps), spec, mix_after_norm, normed, rout, mean, rstd);
   return {normed, rout, mean, rstd};
 }
@@ -57,10 +57,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cuda(
 std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cuda(
     const Tensor& d_normed, const std::optional<Tensor>& d_residual_out, const Tensor& residual_out,
     const std::optional<Tensor>& weight, const Tensor& mean, const Tensor& rstd, int64_t kind, int64_t axis,
-    double alpha, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
+    double alpha, int64_t shift, const std::optional<Tensor>& mix_matrix, int64_t prefix_tokens, int64_t grid_w,
     bool mix_after_norm) {
   constexpr const char* op = "noisynn::mix_add_layernorm_bwd_cpp (CUDA)";
-  op_checks::check_common(op, residual_out, c10::DeviceType::CUDA, kind, axis, prefix_tokens, grid_w);
+  op_checks::check_common(op, residual_out, c10::DeviceType::CUDA, kind, axis, shift, prefix_tokens, grid_w);
   const c10::cuda::CUDAGuard guard(residual_out.device());
   const int64_t B = residual_out.size(0), N = residual_out.size(1), D = residual_out.size(2);
   const auto dtype = residual_out.scalar_type();
@@ -90,7 +90,7 @@ std::tuple<Tensor, Tensor, Tensor> mix_add_layernorm_bwd_cuda(
   Tensor db = at::empty({D}, f32);
   const int64_t K = op_checks::group_size(B, N, prefix_tokens, axis, grid_w);
   const cuda::MixSpec spec{B, N, D, prefix_tokens, grid_w, kind, axis, static_cast<float>(alpha),
-                           op_checks::dense_matrix(op, mix_matrix, kind, K, r.device())};
+                           op_checks::dense_matrix(op, mix_matrix, kind, K, r.device()), kind == KIND_SHIFT && shift < 0};
   cuda::launch_bwd(dy, dres, r, w, mu, rs, spec, mix_after_norm, dx, dw, db);
   return {dx, dw, db};
 }

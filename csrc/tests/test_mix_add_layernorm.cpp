@@ -1,7 +1,7 @@
 // C++ test of noisynn::mix_add_layernorm_fwd_cpp / _bwd_cpp, called through the dispatcher, against a naive
 // fp64 ATen computation: s = x + residual, an explicit K x K mixing matrix applied along the axis
-// (prefix tokens unmixed), layer_norm; gradients by autograd.  Covers every kind and axis, both orders,
-// a prefix token and an odd D.  When the CUDA implementation is built and a GPU is present, it is checked
+// (prefix tokens unmixed), layer_norm; gradients by autograd.  Covers every kind and axis, both shift
+// directions, both orders, a prefix token and an odd D.  When the CUDA implementation is built and a GPU is present, it is checked
 // against the same computation on the GPU.  Exit status: 0 when every case passes.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
@@ -19,9 +19,9 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using FwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
                                                           const OptTensor&, double, int64_t, int64_t, double,
-                                                          const OptTensor&, int64_t, int64_t, bool, bool);
+                                                          int64_t, const OptTensor&, int64_t, int64_t, bool, bool);
 using BwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                                                  const Tensor&, const Tensor&, int64_t, int64_t, double,
+                                                  const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t,
                                                   const OptTensor&, int64_t, int64_t, bool);
 
 constexpr const char* kKinds[] = {"identity", "shift", "optimal", "dense"};
@@ -32,12 +32,12 @@ constexpr double kEps = 1e-6, kAlpha = 0.3;
 int64_t mixed_k(int64_t axis) { return axis == 0 ? N - P : axis == 1 ? GH : B; }
 
 // M = I + Q for each kind (fp64): y_i = sum_j M[i, j] s_j
-Tensor mixing_matrix(int64_t kind, int64_t K) {
+Tensor mixing_matrix(int64_t kind, int64_t K, int64_t shift) {
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   if (kind == 0) return torch::eye(K, f64);
-  if (kind == 1) {  // y_i = (1 - a) s_i + a s_{i-1 mod K}
+  if (kind == 1) {  // y_i = (1 - a) s_i + a s_{i-shift mod K}
     Tensor M = torch::eye(K, f64) * (1 - kAlpha);
-    for (int64_t i = 0; i < K; ++i) M[i][(i + K - 1) % K] += kAlpha;
+    for (int64_t i = 0; i < K; ++i) M[i][(i + K - shift) % K] += kAlpha;
     return M;
   }
   if (kind == 2) return (torch::eye(K, f64) + torch::ones({K, K}, f64)) / static_cast<double>(K + 1);
@@ -65,7 +65,7 @@ double max_err(const Tensor& a, const Tensor& b) {
 }
 
 // Runs one case on `device` (named `suffix` in messages); returns the number of failed checks.
-int run_case(const std::string& suffix, const torch::Device& device, int64_t kind, int64_t axis,
+int run_case(const std::string& suffix, const torch::Device& device, int64_t kind, int64_t axis, int64_t shift,
              bool mix_after_norm) {
   auto& dispatcher = c10::Dispatcher::singleton();
   const auto fwd = dispatcher.findSchemaOrThrow("noisynn::mix_add_layernorm_fwd_cpp", "").typed<FwdSig>();
@@ -76,7 +76,7 @@ int run_case(const std::string& suffix, const torch::Device& device, int64_t kin
   const Tensor w = 1 + 0.5 * torch::randn({D}, f64), b = 0.3 * torch::randn({D}, f64);
   const Tensor gy = torch::randn({B, N, D}, f64), gr = torch::randn({B, N, D}, f64);
   const int64_t K = mixed_k(axis);
-  const Tensor M = mixing_matrix(kind, K);
+  const Tensor M = mixing_matrix(kind, K, shift);
 
   // naive fp64 reference with autograd
   const Tensor x64 = x.clone().requires_grad_(), r64 = res.clone().requires_grad_();
@@ -97,9 +97,9 @@ int run_case(const std::string& suffix, const torch::Device& device, int64_t kin
   const OptTensor Mop = kind == 3 ? OptTensor(M.to(f32)) : std::nullopt;
   const int64_t grid_w = axis == 1 ? GW : 1;
   auto [normed, rout, mean, rstd] = fwd.call(x.to(f32), res.to(f32), w.to(f32), b.to(f32), kEps, kind, axis, kAlpha,
-                                             Mop, P, grid_w, mix_after_norm, false);
-  auto [dx, dw, db] = bwd.call(gy.to(f32), gr.to(f32), rout, w.to(f32), mean, rstd, kind, axis, kAlpha, Mop, P, grid_w,
-                               mix_after_norm);
+                                             shift, Mop, P, grid_w, mix_after_norm, false);
+  auto [dx, dw, db] = bwd.call(gy.to(f32), gr.to(f32), rout, w.to(f32), mean, rstd, kind, axis, kAlpha, shift, Mop, P,
+                               grid_w, mix_after_norm);
 
   int failed = 0;
   const double tol = 2e-4;
@@ -109,8 +109,8 @@ int run_case(const std::string& suffix, const torch::Device& device, int64_t kin
       {"dweight", max_err(dw, w64.grad())},             {"dbias", max_err(db, b64.grad())}};
   for (const auto& [name, err] : checks) {
     if (!(err <= tol)) {
-      std::printf("FAIL %s kind=%s axis=%s mix_after_norm=%d: %s max error %.3g > %.1g\n", suffix.c_str(),
-                  kKinds[kind], kAxes[axis], mix_after_norm, name, err, tol);
+      std::printf("FAIL %s kind=%s shift=%+d axis=%s mix_after_norm=%d: %s max error %.3g > %.1g\n", suffix.c_str(),
+                  kKinds[kind], static_cast<int>(shift), kAxes[axis], mix_after_norm, name, err, tol);
       ++failed;
     }
   }
@@ -138,9 +138,12 @@ int main() {
   for (const auto& [suffix, device] : targets) {
     for (int64_t kind = 0; kind < 4; ++kind) {
       for (int64_t axis = 0; axis < 3; ++axis) {
-        for (bool man : {false, true}) {
-          failed += run_case(suffix, device, kind, axis, man);
-          ++cases;
+        for (int64_t shift : {1, -1}) {
+          if (kind != 1 && shift != 1) continue;  // the direction is the shift kind's only
+          for (bool man : {false, true}) {
+            failed += run_case(suffix, device, kind, axis, shift, man);
+            ++cases;
+          }
         }
       }
     }

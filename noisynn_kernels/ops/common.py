@@ -25,6 +25,7 @@ class MixArgs(NamedTuple):
     kind: int
     axis: int
     alpha: float
+    shift: int  # direction of the shift kind: +1 row i receives row i-1, -1 row i+1
     mix_matrix: Tensor | None
     prefix_tokens: int
     grid_w: int
@@ -72,7 +73,8 @@ def mix_args(spec: MixSpec, device: torch.device) -> MixArgs:
     """The mix of a checked ``spec`` as op-schema arguments (codes of :mod:`noisynn_kernels._op_codes`)."""
     cfg = spec.cfg
     grid_w = spec.grid[1] if spec.grid is not None else 1
-    return MixArgs(KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha), dense_mix_matrix(spec, device),
+    return MixArgs(KIND_CODES[cfg.kind], AXIS_CODES[cfg.axis], float(cfg.alpha), int(cfg.shift),
+                   dense_mix_matrix(spec, device),
                    spec.prefix_tokens, grid_w)
 
 

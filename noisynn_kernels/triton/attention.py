@@ -185,7 +185,8 @@ def mix_kernel(
     """Rows ``(b, h, n)`` for ``BLOCK_R`` tokens of one ``(b, h)``: ``OUT = M SRC`` along ``AXIS``
     (prefix rows copied).  ``MIX`` is the ``K x K`` matrix (``dense``; pass ``M^T`` for backward),
     ``COLSUM[g]`` the group sums of ``SRC`` (``optimal``), ``shift_off`` the partner position
-    ``(i + shift_off) mod K`` (``K - 1`` forward, ``1`` backward).  ``WITH_DELTA``: also store
+    ``(i + shift_off) mod K`` (a shift of direction ``s``: ``(K - s) mod K`` forward, ``(K + s) mod K``
+    backward).  ``WITH_DELTA``: also store
     ``DELTA[(b*H + h)*N + n] = sum_d OUT * O`` (fp32; ``OUT`` as rounded to its dtype).
     ``STORE_OUT=False`` with ``KIND=IDENTITY`` computes ``delta`` only (``dO = dY``)."""
     pid_bh = tl.program_id(0)

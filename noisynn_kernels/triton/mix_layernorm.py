@@ -27,8 +27,9 @@ Every kernel mixes a *source* row, recomputed on the fly from the kernel's input
 - ``SRC_LN_GRAD``: ``LN-backward(dy) + d_residual_out`` at the saved LN input and statistics
   (backward, mix before the norm).
 
-Mixing ``KIND``: ``identity``; ``shift`` reads one partner row ``(i + shift_off) mod K`` (forward
-``shift_off = K - 1``, i.e. ``i - 1``; backward ``M^T`` reads ``i + 1``); ``optimal`` adds the
+Mixing ``KIND``: ``identity``; ``shift`` reads one partner row ``(i + shift_off) mod K`` (a shift
+of direction ``s``, row ``i`` reading row ``i - s``: forward ``shift_off = (K - s) mod K``; backward
+``M^T`` reads ``i + s``, ``shift_off = (K + s) mod K``); ``optimal`` adds the
 group's column sum from :func:`group_sum_kernel` (``M`` is symmetric, so backward is the same);
 ``dense`` loops over the ``K`` rows of the group with the ``K x K`` matrix (``M``, or ``M^T`` in
 backward).  All arithmetic is fp32; outputs are stored in their tensor's dtype.

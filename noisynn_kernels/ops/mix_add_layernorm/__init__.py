@@ -52,7 +52,8 @@ def launch_reference(x: Tensor, residual: Tensor | None, weight: Tensor | None, 
     with autocast_off(x):
         return reference.mix_add_layernorm(x, residual, weight, bias, eps, kind=cfg.kind, axis=cfg.axis,
                                            alpha=cfg.alpha, M=M, prefix_tokens=spec.prefix_tokens, grid=spec.grid,
-                                           mix_after_norm=mix_after_norm, straight_through=cfg.straight_through)
+                                           mix_after_norm=mix_after_norm, straight_through=cfg.straight_through,
+                                           shift=cfg.shift)
 
 
 def launch_triton(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,

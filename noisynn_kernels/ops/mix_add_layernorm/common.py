@@ -26,15 +26,15 @@ from ..common import mix_args
 __all__ = ["fwd_fake", "bwd_fake", "setup_context", "make_backward", "run_fwd"]
 
 
-def fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
-             straight_through):
+def fwd_fake(x, residual, weight, bias, eps, kind, axis, alpha, shift, mix_matrix, prefix_tokens, grid_w,
+             mix_after_norm, straight_through):
     """Fake of every ``mix_add_layernorm_fwd*`` op: ``(normed, residual_out, mean, rstd)``."""
     B, N, D = x.shape
     return (x.new_empty((B, N, D)), x.new_empty((B, N, D)),
             x.new_empty((B * N,), dtype=torch.float32), x.new_empty((B * N,), dtype=torch.float32))
 
 
-def bwd_fake(d_normed, d_residual_out, residual_out, weight, mean, rstd, kind, axis, alpha, mix_matrix,
+def bwd_fake(d_normed, d_residual_out, residual_out, weight, mean, rstd, kind, axis, alpha, shift, mix_matrix,
              prefix_tokens, grid_w, mix_after_norm):
     """Fake of every ``mix_add_layernorm_bwd*`` op: ``(dx, dweight, dbias)``, the last two fp32 ``(D,)``."""
     D = residual_out.shape[-1]
@@ -44,7 +44,7 @@ def bwd_fake(d_normed, d_residual_out, residual_out, weight, mean, rstd, kind, a
 
 def setup_context(ctx, inputs, output):
     """``setup_context`` of every ``mix_add_layernorm_fwd*`` op's autograd formula."""
-    (x, residual, weight, bias, eps, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
+    (x, residual, weight, bias, eps, kind, axis, alpha, shift, mix_matrix, prefix_tokens, grid_w, mix_after_norm,
      straight_through) = inputs
     _, residual_out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
@@ -54,7 +54,7 @@ def setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype  # dbias in bias's own dtype (weight's may differ)
     ctx.kind = KIND_CODES["identity"] if straight_through else kind  # forward M x, gradient the identity
-    ctx.axis, ctx.alpha, ctx.prefix_tokens, ctx.grid_w = axis, alpha, prefix_tokens, grid_w
+    ctx.axis, ctx.alpha, ctx.shift, ctx.prefix_tokens, ctx.grid_w = axis, alpha, shift, prefix_tokens, grid_w
     ctx.mix_after_norm = mix_after_norm
 
 
@@ -64,17 +64,17 @@ def make_backward(bwd_op: Callable) -> Callable:
     def backward(ctx, d_normed, d_residual_out, _d_mean, _d_rstd):
         need = ctx.needs_input_grad
         if d_normed is None and d_residual_out is None:
-            return (None,) * 13
+            return (None,) * 14
         residual_out, weight, mean, rstd, mix_matrix = ctx.saved_tensors
         if d_normed is None:
             d_normed = torch.zeros_like(residual_out)
         dx, dw, db = bwd_op(d_normed, d_residual_out, residual_out, weight, mean, rstd, ctx.kind, ctx.axis,
-                            ctx.alpha, mix_matrix, ctx.prefix_tokens, ctx.grid_w, ctx.mix_after_norm)
+                            ctx.alpha, ctx.shift, mix_matrix, ctx.prefix_tokens, ctx.grid_w, ctx.mix_after_norm)
         d_x = dx if need[0] else None
         d_res = dx if ctx.has_residual and need[1] else None
         d_w = dw.to(weight.dtype) if weight is not None and need[2] else None
         d_b = db.to(ctx.bias_dtype) if ctx.has_bias and need[3] else None
-        return d_x, d_res, d_w, d_b, None, None, None, None, None, None, None, None, None
+        return (d_x, d_res, d_w, d_b) + (None,) * 10
 
     return backward
 

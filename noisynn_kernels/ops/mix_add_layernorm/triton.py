@@ -81,6 +81,7 @@ def mix_add_layernorm_fwd(
     kind: int,
     axis: int,
     alpha: float,
+    shift: int,
     mix_matrix: Optional[Tensor],
     prefix_tokens: int,
     grid_w: int,
@@ -89,7 +90,8 @@ def mix_add_layernorm_fwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(normed, residual_out, mean, rstd)`` for ``(B, N, D)`` inputs; ``mean``/``rstd`` are the fp32
     statistics of the LayerNorm input, one per row of ``B * N``.  ``mix_matrix`` is the ``K x K``
-    mixing matrix ``M = I + Q`` (``dense`` only).  ``straight_through`` only changes the backward."""
+    mixing matrix ``M = I + Q`` (``dense`` only), ``shift`` the direction of the ``shift`` kind (row ``i``
+    reads row ``i - shift``).  ``straight_through`` only changes the backward."""
     with device_guard(x):
         B, N, D = x.shape
         n_rows = B * N
@@ -124,7 +126,7 @@ def mix_add_layernorm_fwd(
 
         wrap_triton(kernels.mix_add_layernorm_fwd_kernel)[(n_rows,)](
             x, res, w, b, normed, residual_out, mean, rstd, mix, colsum,
-            n_rows, N, prefix_tokens, K, step, D, eps, alpha, K - 1, 1,
+            n_rows, N, prefix_tokens, K, step, D, eps, alpha, (K - shift) % K, 1,
             KIND=kind, AXIS=axis, HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
             MIX_AFTER_NORM=mix_after_norm, BLOCK_D=block_d, num_warps=num_warps)
         return normed, residual_out, mean, rstd
@@ -148,6 +150,7 @@ def mix_add_layernorm_bwd(
     kind: int,
     axis: int,
     alpha: float,
+    shift: int,
     mix_matrix: Optional[Tensor],
     prefix_tokens: int,
     grid_w: int,
@@ -194,7 +197,7 @@ def mix_add_layernorm_bwd(
         db_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
         wrap_triton(kernels.mix_add_layernorm_bwd_kernel)[(n_programs,)](
             dy, dres, r, w, mean, rstd, dx, dw_part, db_part, mix_t, colsum,
-            n_rows, N, prefix_tokens, K, step, D, alpha, 1, rows_per_program,
+            n_rows, N, prefix_tokens, K, step, D, alpha, (K + shift) % K, rows_per_program,
             KIND=kind, AXIS=axis, HAS_DRES=has_dres, HAS_WEIGHT=has_weight, MIX_AFTER_NORM=mix_after_norm,
             BLOCK_D=block_d, num_warps=num_warps)
         return dx, dw_part.sum(dim=0), db_part.sum(dim=0)

@@ -37,7 +37,7 @@ def launch_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, spec: MixSpe
     M = quality.mixing_matrix("dense", spec.k, matrix=cfg.matrix) if cfg.kind == "dense" else None
     t = reference.linear_transform_noise(o.transpose(1, 2).reshape(B, N, H * Dh), cfg.kind, axis=cfg.axis,
                                          alpha=cfg.alpha, M=M, prefix_tokens=spec.prefix_tokens, grid=spec.grid,
-                                         straight_through=cfg.straight_through)
+                                         straight_through=cfg.straight_through, shift=cfg.shift)
     return t.reshape(B, N, H, Dh).transpose(1, 2)
 
 

@@ -162,6 +162,7 @@ def noisy_attention_fwd(
     kind: int,
     axis: int,
     alpha: float,
+    shift: int,
     mix_matrix: Optional[Tensor],
     prefix_tokens: int,
     grid_w: int,
@@ -170,7 +171,8 @@ def noisy_attention_fwd(
     """``(y, o, lse)``: ``y = M o`` (``(B, H, N, Dh)``, inputs' dtype), the unmixed attention output ``o``
     saved for backward (an empty tensor when ``kind`` is identity: then ``y`` is ``o``), and the fp32
     natural-log ``lse`` of shape ``(B, H, N)``.  ``mix_matrix`` is the ``K x K`` ``M = I + Q`` (``dense``
-    only).  ``straight_through`` only changes the backward."""
+    only), ``shift`` the direction of the ``shift`` kind (row ``i`` reads row ``i - shift``).
+    ``straight_through`` only changes the backward."""
     with device_guard(q):
         B, H, N, D = q.shape
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -209,12 +211,13 @@ def noisy_attention_fwd(
         if kind == KIND_CODES["dense"]:
             mix = mix_matrix.to(device=q.device, dtype=torch.float32).contiguous()
         y = _new_bnhd(B, H, N, D, q)
-        _mix_rows(o, y, None, None, kind, axis, alpha, mix, colsum, prefix_tokens, K, gw, K - 1)
+        _mix_rows(o, y, None, None, kind, axis, alpha, mix, colsum, prefix_tokens, K, gw, (K - shift) % K)
         return y, o, lse
 
 
 @noisy_attention_fwd.register_fake
-def _noisy_attention_fwd_fake(q, k, v, scale, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, straight_through):
+def _noisy_attention_fwd_fake(q, k, v, scale, kind, axis, alpha, shift, mix_matrix, prefix_tokens, grid_w,
+                              straight_through):
     B, H, N, D = q.shape
     y = _new_bnhd(B, H, N, D, q)
     o = q.new_empty((0,)) if kind == KIND_CODES["identity"] else _new_bnhd(B, H, N, D, q)
@@ -237,6 +240,7 @@ def noisy_attention_bwd(
     kind: int,
     axis: int,
     alpha: float,
+    shift: int,
     mix_matrix: Optional[Tensor],
     prefix_tokens: int,
     grid_w: int,
@@ -263,7 +267,7 @@ def noisy_attention_bwd(
             if kind == KIND_CODES["dense"]:
                 mix_t = mix_matrix.to(device=q.device, dtype=torch.float32).t().contiguous()
             do = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-            _mix_rows(dy, do, o, delta, kind, axis, alpha, mix_t, colsum, prefix_tokens, K, gw, 1)
+            _mix_rows(dy, do, o, delta, kind, axis, alpha, mix_t, colsum, prefix_tokens, K, gw, (K + shift) % K)
 
         dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
         dk = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -281,7 +285,8 @@ def noisy_attention_bwd(
 
 
 @noisy_attention_bwd.register_fake
-def _noisy_attention_bwd_fake(dy, q, k, v, o, lse, scale, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w):
+def _noisy_attention_bwd_fake(dy, q, k, v, o, lse, scale, kind, axis, alpha, shift, mix_matrix, prefix_tokens,
+                              grid_w):
     shape = q.shape
     return (q.new_empty(shape), q.new_empty(shape), q.new_empty(shape))
 
@@ -291,25 +296,26 @@ def _noisy_attention_bwd_fake(dy, q, k, v, o, lse, scale, kind, axis, alpha, mix
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, kind, axis, alpha, mix_matrix, prefix_tokens, grid_w, straight_through = inputs
+    q, k, v, scale, kind, axis, alpha, shift, mix_matrix, prefix_tokens, grid_w, straight_through = inputs
     y, o, lse = output
     ctx.mark_non_differentiable(o, lse)
     identity = kind == KIND_CODES["identity"]
     ctx.save_for_backward(q, k, v, y if identity else o, lse, mix_matrix)
     # Straight-through: forward M o, gradient the identity.
     ctx.kind = KIND_CODES["identity"] if straight_through else kind
-    ctx.scale, ctx.axis, ctx.alpha, ctx.prefix_tokens, ctx.grid_w = scale, axis, alpha, prefix_tokens, grid_w
+    ctx.scale, ctx.axis, ctx.alpha, ctx.shift = scale, axis, alpha, shift
+    ctx.prefix_tokens, ctx.grid_w = prefix_tokens, grid_w
 
 
 def _backward(ctx, dy, _do, _dlse):
     q, k, v, o, lse, mix_matrix = ctx.saved_tensors
     if dy is None:
         dy = torch.zeros_like(o)
-    dq, dk, dv = noisy_attention_bwd(dy, q, k, v, o, lse, ctx.scale, ctx.kind, ctx.axis, ctx.alpha, mix_matrix,
-                                     ctx.prefix_tokens, ctx.grid_w)
+    dq, dk, dv = noisy_attention_bwd(dy, q, k, v, o, lse, ctx.scale, ctx.kind, ctx.axis, ctx.alpha, ctx.shift,
+                                     mix_matrix, ctx.prefix_tokens, ctx.grid_w)
     need = ctx.needs_input_grad
     return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 noisy_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
