@@ -184,9 +184,10 @@ def conditions(*, allow_batch_dependence: bool = False,
                include_official: bool = True) -> dict[str, NoiseConfig | None]:
     """The noise conditions of the experiment, name -> NoiseConfig (``None``: no noise).
 
-    ``official`` (optimal Q across the batch at inference, :meth:`NoiseConfig.official_vit`) makes
-    predictions depend on the batch: it is built only with ``allow_batch_dependence=True`` and raises
-    :class:`~noisynn_kernels.BatchDependenceError` otherwise; ``include_official=False`` leaves it out.
+    ``official`` (optimal Q across the batch at inference, :meth:`NoiseConfig.official_vit`) and
+    ``salt_and_pepper/batch`` (salt-and-pepper to the batch's max / min, the official latent-level rule) make
+    predictions depend on the batch: they are built only with ``allow_batch_dependence=True`` and raise
+    :class:`~noisynn_kernels.BatchDependenceError` otherwise; ``include_official=False`` leaves them out.
     """
     conds: dict[str, NoiseConfig | None] = {
         "none": None,
@@ -199,6 +200,9 @@ def conditions(*, allow_batch_dependence: bool = False,
         conds["official"] = NoiseConfig.official_vit(allow_batch_dependence=allow_batch_dependence)
     conds["gaussian"] = NoiseConfig(kind="gaussian", strength=0.1, std=1.0)
     conds["salt_and_pepper"] = NoiseConfig(kind="salt_and_pepper", p=0.1)
+    if include_official:
+        conds["salt_and_pepper/batch"] = NoiseConfig(kind="salt_and_pepper", p=0.1, value_range="batch",
+                                                     allow_batch_dependence=allow_batch_dependence)
     return conds
 
 
@@ -213,6 +217,8 @@ _DESCRIPTIONS = {
     "gaussian": "x + 0.1 N(0, 1), last block input (class token untouched), train + eval",
     "salt_and_pepper": "p = 0.1 to each sample's own max / min (the default range), last block input (class token "
                        "untouched), train + eval",
+    "salt_and_pepper/batch": "p = 0.1 to the whole batch's max / min (the official latent-level rule, "
+                             "value_range='batch'), last block input, train + eval; batch-dependent, explicit opt-in",
 }
 
 
@@ -513,22 +519,29 @@ def _interpretation(result: dict) -> list[str]:
         + ("One seed gives no spread to judge a difference by. " if n_seeds < 2 else
            f"The largest difference ({best}) is within two seed spreads: no clear effect either way. "
            if abs(deltas[best]) <= 2 * max(spreads) else f"{best} differs by more than two seed spreads. "))
-    for n in ("gaussian", "salt_and_pepper"):
+    for n in ("gaussian", "salt_and_pepper", "salt_and_pepper/batch"):
+        if n not in sm:
+            continue
         s = sm[n]
         same = s.get("paired_max_logit_diff")
+        if same is None:
+            verdict = "The same-draw comparison was not possible; the accuracies are what to compare."
+        elif not s["batch_dependent"]:
+            verdict = ("With the same draw for every image and other batch mates no logit moved by more than "
+                       f"{same:.1e} (tolerance {s['tolerance']:.0e}): batch-independent"
+                       + ("; salt-and-pepper takes each sample's own range by default." if n == "salt_and_pepper"
+                          else "."))
+        else:
+            verdict = (f"With the same draw for every image and other batch mates logits moved by up to {same:.2g} "
+                       f"(tolerance {s['tolerance']:.0e}): it reads the rest of the batch"
+                       + (" (its high / low values are the batch's maximum and minimum)."
+                          if n == "salt_and_pepper/batch" else "."))
         lines.append(
             f"- **{n}** (random, on at evaluation): accuracy sorted/shuffled/single "
             + "/".join(_pct(s["accuracy"][o], False) for o in ORDERINGS)
             + f"%. Two passes over identical batches already change up to {s['floor_max_logit_diff']:.2g} in a logit "
               f"(about {s['floor_n_argmax_changed']['mean']:.0f} prediction(s)), so per-sample differences between "
-              "orderings cannot be blamed on the batch. "
-            + ("With the same draw for every image and other batch mates, no logit moved by more than "
-               f"{same:.1e} (tolerance {s['tolerance']:.0e}): batch-independent"
-               + (", as each sample's own range (the default) makes salt-and-pepper" if n == "salt_and_pepper" else "")
-               + "." if same is not None and not s["batch_dependent"] else
-               f"With the same draw for every image and other batch mates, logits moved by up to {same:.2g}: the "
-               "noise reads the rest of the batch." if same is not None else
-               "The same-draw comparison was not possible; the accuracies are what to compare."))
+              "orderings cannot be blamed on the batch. " + verdict)
     sw = result["batch_size_sweep"]["official"]
     rng = {o: [100 * v["mean"] for v in sw[o].values()] for o in ("sorted", "shuffled")}
     lines.append(

@@ -91,8 +91,9 @@ def test_guard_refuses_batch_mixing_at_eval_without_opt_in(data):
         tiny_vit(dict(kind="optimal", axis="batch"))
     with pytest.raises(nk.BatchDependenceError):
         audit.conditions()  # the official condition is built only with the explicit opt-in
-    assert "official" not in audit.conditions(include_official=False)
+    assert not {"official", "salt_and_pepper/batch"} & set(audit.conditions(include_official=False))
     assert audit.conditions(allow_batch_dependence=True)["official"].allow_batch_dependence is True
+    assert audit.conditions(allow_batch_dependence=True)["salt_and_pepper/batch"].batch_dependent
     # A validated config altered behind the validator's back is refused by the audit, not evaluated.
     model = tiny_vit(nk.NoiseConfig.official_vit(allow_batch_dependence=True))
     object.__setattr__(noise_config(model), "allow_batch_dependence", False)
@@ -436,17 +437,21 @@ def test_cli_audit_fast_writes_report_json_and_plots(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((out / "audit.json").read_text())
     assert set(result["conditions"]) == {"none", "optimal/tokens", "optimal/rows", "shift/tokens", "shift/rows",
-                                         "official", "gaussian", "salt_and_pepper"}
+                                         "official", "gaussian", "salt_and_pepper", "salt_and_pepper/batch"}
     sm = result["summary"]
     for name in ("none", "optimal/tokens", "optimal/rows", "shift/tokens", "shift/rows"):
         assert sm[name]["batch_dependent"] is False, name
         assert sm[name]["max_logit_diff"] <= sm[name]["tolerance"], name
     assert sm["official"]["batch_dependent"] is True
+    # random noises, compared on the same draws: each sample's own range is batch-independent, the batch's is not
+    for name, dependent in (("gaussian", False), ("salt_and_pepper", False), ("salt_and_pepper/batch", True)):
+        assert sm[name]["stochastic"] and sm[name]["batch_dependent"] is dependent, name
+        assert (sm[name]["paired_max_logit_diff"] > sm[name]["tolerance"]) is dependent, name
     assert result["environment"]["torch"] == torch.__version__
     assert len(result["layer_sensitivity"]["optimal/tokens"][0]["layers"]) == audit.MODEL["depth"]
     report = (out / "report.md").read_text()
     assert "## Environment" in report and torch.__version__ in report and "smoke run" in report
-    assert "| `official` |" in report
+    assert "| `official` |" in report and "no (same draws)" in report and "**yes** (same draws)" in report
 
 
 def test_cli_audit_rejects_bad_options(tmp_path, capsys):
