@@ -465,31 +465,44 @@ def _run_folder(args: argparse.Namespace) -> int:
         model_kwargs = json.loads(args.model_kwargs) if isinstance(args.model_kwargs, str) else dict(args.model_kwargs)
         if not isinstance(model_kwargs, dict):
             return fail(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
-        index = scan_image_folder(args.data, on_bad_image=args.bad_images, workers=args.workers,
-                                  progress=lambda m: log(f"noisynn train: --data: {m}"))
+        device = _device(args.device, local_rank)
+        amp = amp_dtype(args.amp, device)
+    except (NoisyNNError, argparse.ArgumentTypeError, json.JSONDecodeError) as e:
+        return fail(str(e))
+    if distributed and not dist.is_initialized():
+        # before the folder check: the processes share the decoding and end with the same index (or error)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    def gather(items: list) -> list:
+        if not distributed:
+            return items
+        parts: list = [None] * world
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    try:
+        index = scan_image_folder(args.data, on_bad_image=args.bad_images, workers=args.workers, shard=(rank, world),
+                                  gather=gather, progress=lambda m: log(f"noisynn train: --data: {m}"))
         val_index = None
         if args.val_data:
             val_index = scan_image_folder(args.val_data, on_bad_image=args.bad_images, workers=args.workers,
+                                          shard=(rank, world), gather=gather,
                                           progress=lambda m: log(f"noisynn train: --val-data: {m}"))
             if val_index.classes != index.classes:
                 return fail(f"--val-data {args.val_data!r} has classes {val_index.classes}; expected the classes of "
                             f"--data {args.data!r}: {index.classes}")
-        device = _device(args.device, local_rank)
-        amp = amp_dtype(args.amp, device)
         plain_noise = noise is None and not args.model.startswith("noisy_")
         torch.manual_seed(args.seed)  # the same initial weights in every process
         model, arch, create_kwargs = create_model(args.model, num_classes=len(index.classes), img_size=args.img_size,
                                                   model_kwargs=model_kwargs, noise=False if plain_noise else noise,
                                                   pretrained=args.pretrained)
-    except (NoisyNNError, argparse.ArgumentTypeError, json.JSONDecodeError) as e:
+    except NoisyNNError as e:
         return fail(str(e))
     except RuntimeError as e:  # timm: pretrained weights that cannot be loaded here
         return fail(f"could not build {args.model!r}: {e}")
 
-    if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
     try:

@@ -110,7 +110,8 @@ class _Probe(Dataset):
 
 
 def scan_image_folder(root, *, on_bad_image: str = "stop", workers: int = 0,
-                      progress: Callable[[str], None] | None = None) -> FolderIndex:
+                      progress: Callable[[str], None] | None = None, shard: tuple[int, int] = (0, 1),
+                      gather: Callable[[list], list] | None = None) -> FolderIndex:
     """Check the image folder ``root`` and index its images (see :class:`FolderIndex`).
 
     ``root`` must be a directory whose sub-folders are the classes (at least two, each with at least one
@@ -119,6 +120,10 @@ def scan_image_folder(root, *, on_bad_image: str = "stop", workers: int = 0,
     ``on_bad_image='stop'`` raises :class:`~noisynn_kernels.ConfigError` naming the first such files,
     ``'skip'`` leaves them out and lists them in :attr:`FolderIndex.skipped`.  ``progress`` receives one
     line when the scan starts and one when it ends.
+
+    Under several processes each decodes its share: ``shard=(rank, world)`` checks every ``world``-th image
+    from ``rank`` on, and ``gather(list)`` must return the concatenation of every process's list (e.g. with
+    ``torch.distributed.all_gather_object``), so every process ends with the same index and the same errors.
 
     Raises:
         ConfigError: ``root`` is not a folder, has fewer than two class folders, no images, a class folder
@@ -161,9 +166,16 @@ def scan_image_folder(root, *, on_bad_image: str = "stop", workers: int = 0,
                           "image in every class folder (remove empty folders, they would be classes without data)")
     if progress:
         progress(f"checking {len(paths)} images in {len(classes)} classes under {root}")
-    probe = DataLoader(_Probe([p for p, _ in paths]), batch_size=None, num_workers=workers)
-    errors = list(probe)
-    bad = [(p, err) for (p, _), err in zip(paths, errors) if err]
+    rank, world = shard
+    if not (isinstance(rank, int) and isinstance(world, int) and 0 <= rank < world):
+        raise ConfigError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+    mine = [p for p, _ in paths[rank::world]]
+    probe = DataLoader(_Probe(mine), batch_size=None, num_workers=workers)
+    bad = [(p, err) for p, err in zip(mine, probe) if err]
+    if gather is not None:
+        bad = gather(bad)
+    order = {p: i for i, (p, _) in enumerate(paths)}
+    bad = sorted(((p, err) for p, err in bad), key=lambda b: order[b[0]])
     if bad and on_bad_image == "stop":
         shown = "; ".join(f"{p} ({err})" for p, err in bad[:5])
         raise ConfigError(f"image folder {root!r}: {len(bad)} of {len(paths)} image(s) cannot be read: {shown}"

@@ -78,6 +78,8 @@ class ProfileResult:
         profiled_ms_per_step: operator time per profiled step (CPU self time, or device time on CUDA).
         shares: per category, its fraction of ``profiled_ms_per_step`` (they sum to 1).
         ms_per_step: per category, milliseconds per step.
+        calls_per_step: per category, operator calls per step (the structure of the step, free of timing
+            noise: a fused model makes fewer LayerNorm / add calls and some noisynn calls).
         top_ops: the operators with the most self time: ``name``, ``category``, ``ms_per_step``, ``calls``
             (per step).
         trace: path of the Chrome trace (``None`` when not written).
@@ -95,6 +97,7 @@ class ProfileResult:
     profiled_ms_per_step: float
     shares: dict[str, float]
     ms_per_step: dict[str, float]
+    calls_per_step: dict[str, float] = field(default_factory=dict)
     top_ops: list[dict] = field(default_factory=list)
     trace: str | None = None
 
@@ -177,6 +180,7 @@ class _Trainer:
 def _shares(prof, device: torch.device, steps: int, label: str, top: int):
     """``(totals in us per category, top operators)`` of a finished profile."""
     totals = dict.fromkeys(CATEGORIES, 0.0)
+    calls = dict.fromkeys(CATEGORIES, 0.0)
     ops = []
     attributed_device = kernel_device = 0.0
     for evt in prof.key_averages():
@@ -189,9 +193,10 @@ def _shares(prof, device: torch.device, steps: int, label: str, top: int):
             attributed_device += us
         else:
             us = float(evt.self_cpu_time_total)
+        cat = classify(evt.key)
+        calls[cat] += evt.count / steps
         if us <= 0:
             continue
-        cat = classify(evt.key)
         totals[cat] += us
         ops.append((us, evt.key, cat, evt.count))
     if device.type == "cuda" and kernel_device > attributed_device:
@@ -200,7 +205,7 @@ def _shares(prof, device: torch.device, steps: int, label: str, top: int):
         raise ConfigError(f"the profiler recorded no operator time for {label!r}; expected a model that runs "
                           "aten operators")
     ops.sort(reverse=True)
-    return totals, [{"name": name, "category": cat, "ms_per_step": us / 1e3 / steps, "calls": count / steps}
+    return totals, calls, [{"name": name, "category": cat, "ms_per_step": us / 1e3 / steps, "calls": count / steps}
                     for us, name, cat, count in ops[:top]]
 
 
@@ -250,7 +255,7 @@ def profile_models(models: dict[str, nn.Module], *, batch_size: int = 8, steps: 
         trace = (trace_paths or {}).get(label)
         if trace:
             prof.export_chrome_trace(trace)
-        totals, top_ops = _shares(prof, t.device, steps, label, top)
+        totals, calls, top_ops = _shares(prof, t.device, steps, label, top)
         total = sum(totals.values())
         median = statistics.median(times[label])
         results.append(ProfileResult(
@@ -258,7 +263,8 @@ def profile_models(models: dict[str, nn.Module], *, batch_size: int = 8, steps: 
             amp=None if amp is None else str(amp).replace("torch.", ""), step_seconds=median,
             step_seconds_spread=(min(times[label]), max(times[label])), images_per_second=batch_size / median,
             profiled_ms_per_step=total / 1e3 / steps, shares={c: totals[c] / total for c in CATEGORIES},
-            ms_per_step={c: totals[c] / 1e3 / steps for c in CATEGORIES}, top_ops=top_ops, trace=trace))
+            ms_per_step={c: totals[c] / 1e3 / steps for c in CATEGORIES}, calls_per_step=calls, top_ops=top_ops,
+            trace=trace))
     return results
 
 
