@@ -21,8 +21,10 @@ noise unless ``--noise``) or any timm model (plain unless ``--noise`` is given).
 Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) the process group is initialized from the
 environment (``gloo`` on CPU, ``nccl`` on CUDA) and the model is wrapped in
 ``DistributedDataParallel``; ``--batch-size`` is the *global* batch.  A ``--data`` run shards every
-epoch with a ``DistributedSampler`` (seeded with ``--seed`` and the epoch) and the validation set
-without padding, so the accuracy counts every image once.  The loss is the mean over the local batch
+epoch with a ``DistributedSampler`` (seeded with ``--seed`` and the epoch; where the folder's size is
+not a multiple of the processes it repeats a few images to even the shards, and the epoch's
+``images`` count includes them) and the validation set without padding, so the accuracy counts every
+image once.  The loss is the mean over the local batch
 and DDP averages the gradients, so sample-local noise (``tokens`` / ``rows`` linear noise) gives the
 gradients of one process on the global batch.  Batch-axis noise mixes only the local batch (a
 warning says so).  Random noise with a ``seed`` is offset by the rank so that processes draw
