@@ -342,6 +342,12 @@ def create_model(name: str, *, num_classes: int, img_size: int | None = None, mo
             model = build(kwargs)
     except TypeError as e:
         raise ConfigError(f"timm.create_model({name!r}) rejected the arguments {kwargs}: {e}") from None
+    except (OSError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        # no network / no cached file, or weights that do not fit the arguments (e.g. another img_size)
+        raise ConfigError(f"timm could not load the pretrained weights of {name!r} with {kwargs}: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return model, arch, kwargs
 
 
