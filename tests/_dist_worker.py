@@ -3,7 +3,11 @@
 under FSDP2 (``fully_shard`` per block, then the model; also with gradient checkpointing), each
 against the same model trained in one process on the global batch (computed here, in every process,
 without communication).  Rank 0 writes ``{setup: {"loss": .., "grad": .., "param": .., ...}}`` (the
-largest absolute differences) as JSON to the path in argv[1]; the test judges them."""
+largest absolute differences) as JSON to the path in argv[1]; the test judges them.
+
+``argv[2] == "cuda"``: the same with NCCL, one GPU per process (at least 2 GPUs) and the device's
+default fused backend (Triton):
+``torchrun --nproc_per_node 2 tests/_dist_worker.py out.json cuda``."""
 
 import json
 import sys
@@ -21,41 +25,45 @@ NOISES = {"optimal-tokens": dict(kind="optimal", axis="tokens", layer=1),
           "shift-rows-attn_input": dict(kind="shift", axis="rows", alpha=0.3, position="attn_input")}
 
 
-def build(noise, ckpt=False):
+DEVICE = sys.argv[2] if len(sys.argv) > 2 else "cpu"
+BACKEND = "reference" if DEVICE == "cpu" else None  # None: the device's default (Triton on CUDA)
+
+
+def build(noise, ckpt=False, device="cpu"):
     torch.manual_seed(0)
     model = timm.create_model("noisy_vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48,
                               num_heads=3, num_classes=5, noise=noise)
-    nk.swap_fused_ops(model, backend="reference")
+    nk.swap_fused_ops(model, backend=BACKEND)
     if ckpt:
         model.set_grad_checkpointing(True)
-    return model.train()
+    return model.to(device).train()
 
 
-def batches():
+def batches(device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, 32, 32, generator=g), torch.randint(0, 5, (BATCH,), generator=g))
-            for _ in range(STEPS)]
+    return [(torch.randn(BATCH, 3, 32, 32, generator=g).to(device),
+             torch.randint(0, 5, (BATCH,), generator=g).to(device)) for _ in range(STEPS)]
 
 
 def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def train(model, net, rows, world):
+def train(model, net, rows, world, device="cpu"):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     losses = []
-    for x, y in batches():
+    for x, y in batches(device):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x[rows]), y[rows])
         loss.backward()
-        grads = {n: full(p.grad).detach().clone() for n, p in model.named_parameters()}
+        grads = {n: full(p.grad).detach().cpu().clone() for n, p in model.named_parameters()}
         opt.step()
         loss = loss.detach().clone()
         if world > 1:
             dist.all_reduce(loss)
             loss /= world
         losses.append(float(loss))
-    params = {n: full(p).detach().clone() for n, p in model.named_parameters()}
+    params = {n: full(p).detach().cpu().clone() for n, p in model.named_parameters()}
     return losses, grads, params
 
 
@@ -76,22 +84,27 @@ def main(out):
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo" if DEVICE == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    device = torch.device("cpu")
+    if DEVICE == "cuda":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    mesh = init_device_mesh(device.type, (world,))
     local = BATCH // world
     rows = slice(rank * local, (rank + 1) * local)
     calls = []
-    real = mal_op.LAUNCHERS["reference"]  # count the fused op's calls: the swapped stack really runs
-    mal_op.LAUNCHERS["reference"] = lambda *a: calls.append(1) or real(*a)
+    for backend, real in list(mal_op.LAUNCHERS.items()):  # count the fused op's calls: the stack really runs
+        mal_op.LAUNCHERS[backend] = lambda *a, real=real: calls.append(1) or real(*a)
     results = {}
     for name, noise in NOISES.items():
-        plain = build(noise)
-        single = train(plain, plain, slice(None), 1)
+        plain = build(noise, device=device)
+        single = train(plain, plain, slice(None), 1, device)
         for setup in ("ddp", "fsdp", "fsdp-checkpointing"):
-            model = build(noise, ckpt=setup.endswith("checkpointing"))
+            model = build(noise, ckpt=setup.endswith("checkpointing"), device=device)
             if setup == "ddp":
-                net = DistributedDataParallel(model)
+                net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
             else:
                 for blk in model.blocks:
                     fully_shard(blk, mesh=mesh)
@@ -99,7 +112,7 @@ def main(out):
                 net = model
                 assert isinstance(model.blocks[0].norm1.weight, DTensor), "the blocks are not sharded"
             calls.clear()
-            got = train(model, net, rows, world)
+            got = train(model, net, rows, world, device)
             r = diff(got, single)
             r["fused_calls"] = len(calls)
             r["swapped"] = nk.is_swapped(model)

@@ -174,20 +174,19 @@ def test_warning_is_once_per_module(monkeypatch):
 # a swapped model under FSDP2 and DDP (tests/_dist_worker.py)
 
 
-def test_swapped_model_under_fsdp2_and_ddp(tmp_path):
-    """FSDP2 (``fully_shard`` per block, then the model; also with gradient checkpointing) and DDP of a
-    swapped noisy ViT under torchrun (2 gloo processes): each process trains on its half of the batch and
-    the losses, last-step gradients and final parameters match one process on the whole batch.  (Before
-    the fused step was the block's own call, FSDP's unshard hooks never ran: "mixed torch.Tensor and
-    DTensor".)"""
-    out = tmp_path / "dist.json"
+def _run_worker(tmp_path, device):
+    out = tmp_path / f"dist-{device}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     worker = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(out),
+           device]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def _assert_matches_one_process(results):
     assert len(results) == 6, sorted(results)
     for setup, r in results.items():
         assert r["swapped"], setup
@@ -199,3 +198,20 @@ def test_swapped_model_under_fsdp2_and_ddp(tmp_path):
         assert r["grad"] <= 1e-5 * max(1.0, r["grad_scale"]), (setup, r)
         assert r["param"] <= 1e-5, (setup, r)
         assert len(r["losses"]) == 3 and abs(r["losses"][0] - r["losses"][-1]) > 1e-4, (setup, r)  # it trained
+
+
+def test_swapped_model_under_fsdp2_and_ddp(tmp_path):
+    """FSDP2 (``fully_shard`` per block, then the model; also with gradient checkpointing) and DDP of a
+    swapped noisy ViT under torchrun (2 gloo processes): each process trains on its half of the batch and
+    the losses, last-step gradients and final parameters match one process on the whole batch.  (Before
+    the fused step was the block's own call, FSDP's unshard hooks never ran: "mixed torch.Tensor and
+    DTensor".)"""
+    _assert_matches_one_process(_run_worker(tmp_path, "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="NCCL with one GPU per process needs 2 GPUs")
+def test_swapped_model_under_fsdp2_and_ddp_nccl(tmp_path):
+    """The same with NCCL, one GPU per process, and the device's default fused backend (Triton)."""
+    _assert_matches_one_process(_run_worker(tmp_path, "cuda"))

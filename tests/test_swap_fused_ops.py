@@ -381,3 +381,42 @@ def test_grad_checkpointing_lowers_peak_memory_of_a_training_step():
     one_tensor = 8 * 65 * 64 * 4
     assert peaks[False] > 40 * one_tensor, peaks  # the measurement sees the activations
     assert peaks[True] < 0.6 * peaks[False], peaks
+
+
+def test_compiled_checkpointed_swapped_model_matches_eager():
+    """torch.compile(fullgraph=True) of a swapped model with checkpointing: one graph (the fused blocks'
+    checkpoints are traced), the same outputs and gradients as eager without checkpointing, with unseeded
+    random noise (torch.utils.checkpoint replays the global RNG)."""
+    for noise in (dict(kind="gaussian", layer=1),):
+        model = swap_fused_ops(_tiny(noise).train(), backend="reference")
+        eager = copy.deepcopy(model)
+        model.set_grad_checkpointing(True)
+        x, g = torch.randn(2, 3, 32, 32, device=DEVICE), torch.randn(2, 5, device=DEVICE)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.manual_seed(1)
+        ya = compiled(x)
+        (ya * g).sum().backward()
+        ga = {n: p.grad for n, p in model.named_parameters()}
+        torch.manual_seed(1)
+        yb, gb = _step(eager, x, g)
+        torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
+        for n in gb:
+            torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=f"{noise}: grad of {n}")
+
+
+def test_compiled_checkpointed_seeded_noise_breaks_the_graph_and_replays_the_noise():
+    """Seeded noise draws from the noise module's own generator, which a compiled checkpoint cannot replay:
+    the graph breaks at such a block (it runs eagerly, checkpointed, with the generator replayed), and the
+    result is that of the eager model without checkpointing."""
+    model = swap_fused_ops(_tiny(dict(kind="gaussian", seed=3, layer=1)).train(), backend="reference")
+    eager = copy.deepcopy(model)
+    model.set_grad_checkpointing(True)
+    x, g = torch.randn(2, 3, 32, 32, device=DEVICE), torch.randn(2, 5, device=DEVICE)
+    torch._dynamo.reset()
+    ya = torch.compile(model, backend="aot_eager")(x)
+    (ya * g).sum().backward()
+    yb, gb = _step(eager, x, g)
+    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, gb[n], rtol=1e-5, atol=1e-6, msg=f"grad of {n}")

@@ -133,8 +133,19 @@ def _fp64_twin(model):
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_swap_matches_outputs_and_gradients(family, noise):
+    _check_swap(family, noise, "reference")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_swap_matches_with_the_device_default_backend(family):
+    """The same through the backend a swapped model takes by default (the compiled C++ kernels on a CPU
+    where they are built, the reference otherwise)."""
+    _check_swap(family, "shift-rows-attn_input", None)
+
+
+def _check_swap(family, noise, backend):
     plain = make(family, NOISES[noise])
-    fused = nk.swap_fused_ops(copy.deepcopy(plain), backend="reference")
+    fused = nk.swap_fused_ops(copy.deepcopy(plain), backend=backend)
     assert nk.is_swapped(fused) and list(fused.state_dict()) == list(plain.state_dict())
     x = image(family)
     g = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))

@@ -40,7 +40,12 @@ fused block checkpoint its own step (``torch.utils.checkpoint``, ``use_reentrant
 timm does.  The recomputation replays the noise exactly: the default RNGs are restored by
 ``torch.utils.checkpoint``, and the generators of seeded noise (``NoiseConfig.seed``) by the fused block.
 timm itself then sees ``grad_checkpointing`` as ``False`` (the fused blocks do the checkpointing); ask
-:func:`grad_checkpointing_enabled` instead.
+:func:`grad_checkpointing_enabled` instead.  ``torch.compile`` traces the checkpointed blocks (also with
+``fullgraph=True``), except a block holding seeded random noise: the graph breaks there and that block
+runs eagerly (a compiled checkpoint cannot replay a generator object).
+
+Hooks on a block run; inside an ``nn.Sequential`` stack they see the block called as
+``block(residual, pending=p, carry=True)`` returning ``(residual, pending)`` (see :class:`FusedBlocks`).
 """
 
 from __future__ import annotations
@@ -114,18 +119,15 @@ def _add(a, b):
     return a + b
 
 
-@contextlib.contextmanager
-def _no_context():
-    yield
+def _seeded_sites(block: nn.Module) -> list:
+    return [m for m in block.modules() if isinstance(m, NoiseInjection) and m.config.seed is not None]
 
 
 def _replay_contexts(block: nn.Module):
     """``context_fn`` of the checkpointed step: the recomputation sees the generators of the seeded noise
     modules in ``block`` as they were when the forward began (a generator not made yet is made again from
     the seed), and they are left where the forward left them."""
-    sites = [m for m in block.modules() if isinstance(m, NoiseInjection) and m.config.seed is not None]
-    if not sites:
-        return _no_context(), _no_context()
+    sites = _seeded_sites(block)
     saved: list[dict] = []
 
     @contextlib.contextmanager
@@ -165,8 +167,15 @@ class _FusedBlock:
 
     def forward(self, x, *args, pending=None, carry: bool = False, **kwargs):
         if getattr(self, _CKPT_ATTR, False) and torch.is_grad_enabled():
-            res, pending = checkpoint(self._fused_step, x, pending, args, kwargs, use_reentrant=False,
-                                      context_fn=lambda: _replay_contexts(self))
+            extra = {}
+            if _seeded_sites(self):  # (torch.compile traces checkpoint only with the default context_fn)
+                if torch.compiler.is_compiling():
+                    raise UnsupportedModelError(
+                        "torch.compile of a block with seeded random noise (NoiseConfig.seed) and gradient "
+                        "checkpointing: the recomputation must replay the noise module's own generator, which "
+                        "a compiled checkpoint cannot; use an unseeded noise, no checkpointing, or eager mode")
+                extra["context_fn"] = lambda: _replay_contexts(self)
+            res, pending = checkpoint(self._fused_step, x, pending, args, kwargs, use_reentrant=False, **extra)
         else:
             res, pending = self._fused_step(x, pending, args, kwargs)
         if carry:
