@@ -1006,6 +1006,8 @@ def _run_folder(opts: FolderAuditOptions) -> dict:
         kwargs.pop("num_classes", None)
     img_size = opts.img_size if opts.img_size is not None else kwargs.pop("img_size", None)
     kwargs.pop("img_size", None)
+    # the training resolution of a model that does not take img_size (e.g. a ResNet trained at 32 px)
+    data_size = img_size if img_size is not None else (ckpt.get("img_size") if trained else None)
     model, arch, create_kwargs = create_model(name, num_classes=len(index.classes), img_size=img_size,
                                               model_kwargs=kwargs, noise=False,
                                               pretrained=opts.pretrained and ckpt is None)
@@ -1023,7 +1025,7 @@ def _run_folder(opts: FolderAuditOptions) -> dict:
     from .analysis.profile import input_size_of
 
     size = input_size_of(model)
-    img_size = img_size if img_size is not None else (size[1] if size else 224)
+    img_size = data_size if data_size is not None else (size[1] if size else 224)
     in_chans = int(create_kwargs.get("in_chans", 3))
     device = torch.device("cuda" if opts.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if opts.device == "auto" else opts.device))

@@ -674,6 +674,7 @@ def _save(out_dir, model, opt, sched, scaler, args, arch, create_kwargs, index, 
     import torch
 
     ckpt = {"format": CHECKPOINT_FORMAT, "arch": arch, "create_kwargs": create_kwargs, "model_name": args.model,
+            "img_size": args.img_size, "in_chans": int(create_kwargs.get("in_chans", 3)),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "classes": list(index.classes),
             "noise": None if cfg is None else cfg.to_dict(), "epoch": epoch, "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,

@@ -293,6 +293,12 @@ def test_plain_timm_model_trains_and_checkpoint_matches_its_name(tmp_path):
     assert ckpt["arch"] == "resnet18" and "img_size" not in ckpt["create_kwargs"]
     assert ckpt["noise"]["kind"] == "shift" and ckpt["noise"]["axis"] == "rows"
     timm.create_model("resnet18", **ckpt["create_kwargs"]).load_state_dict(ckpt["model"], strict=True)
+    # the audit reads the images at the training resolution, not the architecture's default 224
+    assert cli_main(["audit", "--data", root, "--checkpoint", str(out / "checkpoint.pt"), "--batch-size", "2",
+                     "--batch-sizes", "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    result = json.load(open(tmp_path / "a" / "audit.json"))
+    assert result["model"]["img_size"] == 32 and result["model"]["arch"] == "resnet18"
+    assert result["summary"]["official"]["batch_dependent"] is True, "shift across the batch (official_cnn)"
 
 
 def test_amp_runs_in_train_and_profile(tmp_path, capsys):
