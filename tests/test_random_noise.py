@@ -283,3 +283,134 @@ def test_noise_module_uses_fused_kernels_when_backend_is_triton(backend, monkeyp
     monkeypatch.setenv("NOISYNN_BACKEND", "reference")
     mod(x)
     assert len(calls) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# seeds under CUDA graphs: eager calls draw the seed on the host, captured launches read [seed, offset] from
+# the device and advance it (the capture state is mocked here where no GPU is; the gpu test captures a graph)
+
+
+def _ops():
+    from noisynn_kernels.ops.random_noise import triton as ops
+
+    return ops
+
+
+@backends("triton")
+def test_eager_seed_comes_from_the_global_rng_and_starts_the_device_stream(backend, monkeypatch):
+    ops = _ops()
+    monkeypatch.setattr(ops, "_STATES", {})
+    x = torch.zeros(2, 3, 700, device=backend.device)
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,)).item())  # the draw an eager call makes
+    torch.manual_seed(5)
+    a = nk.gaussian_noise(x, strength=1.0, backend="triton")
+    assert torch.equal(a, nk.gaussian_noise(x, seed=seed, strength=1.0, backend="triton"))
+    state = ops.stream_state(x.device)
+    assert state.dtype == torch.int64 and state.device == x.device
+    assert state.tolist() == [seed, ops.counters_used(x.numel())]  # the graph stream continues this call's
+    nk.gaussian_noise(x, strength=1.0, backend="triton")
+    assert state.tolist() == [seed, ops.counters_used(x.numel())]  # later eager calls leave it alone
+
+
+@backends("triton")
+def test_captured_launches_read_and_advance_the_device_state(backend, monkeypatch):
+    ops = _ops()
+    monkeypatch.setattr(ops, "_STATES", {})
+    x = torch.zeros(1, 1, 1500, device=backend.device)
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    with pytest.raises(BackendUnavailableError, match="warm-up"):
+        nk.gaussian_noise(x, backend="triton")  # no eager call on the device yet: no state to start from
+    monkeypatch.setattr(ops, "_capturing", lambda device: False)
+    torch.manual_seed(9)
+    nk.gaussian_noise(x, strength=1.0, backend="triton")  # the warm-up
+    seed, offset = ops.stream_state(x.device).tolist()
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    draws = [nk.gaussian_noise(x, strength=1.0, backend="triton") for _ in range(2)]  # two launches / replays
+    assert not torch.equal(draws[0], draws[1])
+    used = ops.counters_used(x.numel())
+    assert ops.stream_state(x.device).tolist() == [seed, offset + 2 * used]
+    # each draw is the seed's stream from its offset on: counter c serves elements 4c .. 4c + 3
+    monkeypatch.setattr(ops, "_capturing", lambda device: False)
+    long = nk.gaussian_noise(torch.zeros(1, 1, 4 * (offset + 2 * used), device=backend.device), seed=seed,
+                             strength=1.0, backend="triton").flatten()
+    for i, d in enumerate(draws):
+        start = 4 * (offset + i * used)
+        assert torch.equal(d.flatten(), long[start:start + x.numel()])
+    # an explicit seed stays the seed under capture (the same noise on every replay, as asked)
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    fixed = nk.gaussian_noise(x, seed=3, strength=1.0, backend="triton")
+    assert ops.stream_state(x.device).tolist() == [seed, offset + 2 * used]
+    monkeypatch.setattr(ops, "_capturing", lambda device: False)
+    assert torch.equal(fixed, nk.gaussian_noise(x, seed=3, strength=1.0, backend="triton"))
+
+
+@backends("triton")
+def test_captured_salt_and_pepper_backward_regenerates_the_forward_mask(backend, monkeypatch):
+    ops = _ops()
+    monkeypatch.setattr(ops, "_STATES", {})
+    x = torch.ones(2, 5, 300, device=backend.device)
+    nk.salt_and_pepper_noise(x, 0.3, low=0.0, high=0.0, prefix_tokens=1, backend="triton")  # the warm-up
+    monkeypatch.setattr(ops, "_capturing", lambda device: True)
+    masks = []
+    for _ in range(2):
+        g = x.clone().requires_grad_(True)
+        y = nk.salt_and_pepper_noise(g, 0.3, low=0.0, high=0.0, prefix_tokens=1, backend="triton")
+        y.sum().backward()
+        replaced = y == 0
+        assert torch.equal(g.grad == 0, replaced)  # backward read the same [seed, offset] as its forward
+        assert 0.2 < replaced[:, 1:].float().mean().item() < 0.4 and not replaced[:, 0].any()
+        masks.append(replaced)
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_key_argument_is_checked():
+    pytest.importorskip("triton")
+    ops = _ops()
+    x = torch.zeros(4)
+    for bad in (torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int64)):
+        with pytest.raises(nk.ShapeError, match=r"int64 \[seed, offset\]"):
+            ops._key_arg(bad, x)
+    assert ops._key_arg(None, x) == (x, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replays_draw_new_noise():
+    """Capture a graph around both fused noises, replay it twice: new noise each replay, with the right
+    moments and rates (a seed drawn on the host at capture would replay the same noise)."""
+    from noisynn_kernels._ext import backend_status
+
+    if backend_status("triton", "cuda") is not None:
+        pytest.skip(backend_status("triton", "cuda"))
+    x = torch.zeros(8, 197, 768, device="cuda")
+    ones = torch.ones_like(x)
+
+    def step():
+        g = nk.gaussian_noise(x, strength=0.5, std=2.0, prefix_tokens=1, backend="triton")
+        s = nk.salt_and_pepper_noise(ones, 0.2, low=0.0, high=0.0, prefix_tokens=1, backend="triton")
+        return g, s
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: makes the device's stream state
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g, s = step()
+    draws = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        draws.append((g.clone(), s.clone()))
+    (g1, s1), (g2, s2) = draws
+    assert not torch.equal(g1, g2) and not torch.equal(s1, s2)
+    for gd, sd in draws:
+        body = gd[:, 1:].double()
+        n = body.numel()
+        assert torch.equal(gd[:, 0], x[:, 0]) and torch.equal(sd[:, 0], ones[:, 0])
+        assert abs(body.mean().item()) < 5 * 1.0 / n ** 0.5
+        assert abs(body.std().item() - 1.0) < 5 * 1.0 / (2 * n) ** 0.5
+        rate = (sd[:, 1:] == 0).double().mean().item()
+        assert abs(rate - 0.2) < 5 * (0.2 * 0.8 / n) ** 0.5

@@ -13,6 +13,13 @@ so one Philox evaluation serves four elements.  A uniform is the output's top 24
 (in ``[0, 1)``); a normal is Box-Muller of lanes 0 and 1 (and of 2 and 3): ``r = sqrt(-2 ln u_a)``
 with ``u_a = (top 24 bits of lane 0 + 1) * 2^-24`` (in ``(0, 1]``), lane 0 ``r cos(2 pi u_b)``, lane 1
 ``r sin(2 pi u_b)``.
+
+The key and the counter start come from the launch (``seed``, offset 0: an eager call) or, with
+``KEYED``, from a device tensor ``KEY = [seed, offset]`` (int64) the kernel reads: element ``e`` then
+takes counter ``offset + e div 4``.  Under CUDA-graph capture the launcher passes a ``KEY`` that a
+captured device op advances after each launch, so every replay of the graph draws new numbers
+(a seed baked into the graph would replay the same noise).  ``seed`` is not specialized
+(``do_not_specialize``): a new seed per call does not compile a new variant.
 """
 
 import triton
@@ -60,18 +67,34 @@ def _lanes(a, b, c, d):
 
 
 @triton.jit
-def _block_uniform(seed, pid, BLOCK: tl.constexpr):
+def _key(seed, KEY, KEYED: tl.constexpr):
+    """``(seed, counter offset)`` as uint64: the launch's ``seed`` and 0, or (``KEYED``) ``KEY[0]``, ``KEY[1]``."""
+    if KEYED:
+        s = tl.load(KEY).to(tl.uint64)
+        offset = tl.load(KEY + 1).to(tl.uint64)
+    else:
+        s = seed.to(tl.uint64)
+        offset = s * 0
+    return s, offset
+
+
+@triton.jit
+def _counters(offset, pid, BLOCK: tl.constexpr):
+    """The Philox counters of the ``BLOCK`` elements from ``pid * BLOCK`` on (four elements a counter)."""
+    return offset + pid.to(tl.uint64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.uint64)
+
+
+@triton.jit
+def _block_uniform(seed, offset, pid, BLOCK: tl.constexpr):
     """Uniforms of the ``BLOCK`` elements from ``pid * BLOCK`` on (``BLOCK`` a multiple of 4)."""
-    counter = pid.to(tl.uint64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.uint64)
-    r0, r1, r2, r3 = _philox4x32(seed, counter)
+    r0, r1, r2, r3 = _philox4x32(seed, _counters(offset, pid, BLOCK))
     return _lanes(_uniform(r0), _uniform(r1), _uniform(r2), _uniform(r3))
 
 
 @triton.jit
-def _block_normal(seed, pid, BLOCK: tl.constexpr):
+def _block_normal(seed, offset, pid, BLOCK: tl.constexpr):
     """Standard normals of the ``BLOCK`` elements from ``pid * BLOCK`` on: Box-Muller of lanes (0, 1), (2, 3)."""
-    counter = pid.to(tl.uint64) * (BLOCK // 4) + tl.arange(0, BLOCK // 4).to(tl.uint64)
-    r0, r1, r2, r3 = _philox4x32(seed, counter)
+    r0, r1, r2, r3 = _philox4x32(seed, _counters(offset, pid, BLOCK))
     ra = tl.sqrt(-2.0 * tl.log(((r0 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
     rb = tl.sqrt(-2.0 * tl.log(((r2 >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08))
     ta = _TWO_PI * _uniform(r1)
@@ -86,22 +109,24 @@ def _is_prefix(offs, TOKEN_NUMEL, N_TOKENS, PREFIX: tl.constexpr):
     return offs < 0  # all False
 
 
-@triton.jit
-def gaussian_noise_kernel(x_ptr, out_ptr, numel, seed, mean, std, strength, TOKEN_NUMEL, N_TOKENS,
-                          PREFIX: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def gaussian_noise_kernel(x_ptr, out_ptr, key_ptr, numel, seed, mean, std, strength, TOKEN_NUMEL, N_TOKENS,
+                          PREFIX: tl.constexpr, KEYED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    z = _block_normal(seed, pid, BLOCK)
+    s, offset = _key(seed, key_ptr, KEYED)
+    z = _block_normal(s, offset, pid, BLOCK)
     y = x.to(tl.float32) + strength * (mean + std * z)
     y = tl.where(_is_prefix(offs, TOKEN_NUMEL, N_TOKENS, PREFIX), x.to(tl.float32), y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def salt_and_pepper_kernel(x_ptr, out_ptr, low_ptr, high_ptr, numel, seed, p, TOKEN_NUMEL, N_TOKENS,
-                           SAMPLE_NUMEL, LOW_STRIDE, HIGH_STRIDE, PREFIX: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def salt_and_pepper_kernel(x_ptr, out_ptr, low_ptr, high_ptr, key_ptr, numel, seed, p, TOKEN_NUMEL, N_TOKENS,
+                           SAMPLE_NUMEL, LOW_STRIDE, HIGH_STRIDE, PREFIX: tl.constexpr, KEYED: tl.constexpr,
+                           BLOCK: tl.constexpr):
     # low / high: one value (stride 0) or one per sample (stride 1; SAMPLE_NUMEL elements a sample)
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -110,22 +135,24 @@ def salt_and_pepper_kernel(x_ptr, out_ptr, low_ptr, high_ptr, numel, seed, p, TO
     sample = offs // SAMPLE_NUMEL
     low = tl.load(low_ptr + sample * LOW_STRIDE, mask=mask, other=0.0)
     high = tl.load(high_ptr + sample * HIGH_STRIDE, mask=mask, other=0.0)
-    u = _block_uniform(seed, pid, BLOCK)
+    s, offset = _key(seed, key_ptr, KEYED)
+    u = _block_uniform(s, offset, pid, BLOCK)
     keep = _is_prefix(offs, TOKEN_NUMEL, N_TOKENS, PREFIX)
     y = tl.where(u < p * 0.5, high.to(x.dtype), tl.where(u > 1.0 - p * 0.5, low.to(x.dtype), x))
     y = tl.where(keep, x, y)
     tl.store(out_ptr + offs, y, mask=mask)
 
 
-@triton.jit
-def salt_and_pepper_backward_kernel(dy_ptr, dx_ptr, numel, seed, p, TOKEN_NUMEL, N_TOKENS,
-                                    PREFIX: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["seed"])
+def salt_and_pepper_backward_kernel(dy_ptr, dx_ptr, key_ptr, numel, seed, p, TOKEN_NUMEL, N_TOKENS,
+                                    PREFIX: tl.constexpr, KEYED: tl.constexpr, BLOCK: tl.constexpr):
     # The gradient passes where the element was kept; the mask is regenerated from the seed.
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-    u = _block_uniform(seed, pid, BLOCK)
+    s, offset = _key(seed, key_ptr, KEYED)
+    u = _block_uniform(s, offset, pid, BLOCK)
     replaced = (u < p * 0.5) | (u > 1.0 - p * 0.5)
     replaced = replaced & (~_is_prefix(offs, TOKEN_NUMEL, N_TOKENS, PREFIX))
     tl.store(dx_ptr + offs, tl.where(replaced, tl.zeros_like(dy), dy), mask=mask)
