@@ -32,7 +32,7 @@ contiguous.  fp32 accumulation everywhere; outputs in the inputs' dtype.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -45,7 +45,8 @@ from ...errors import ShapeError
 from ...triton import attention as kernels
 from ..common import check_triton_device, device_guard, mix_args
 
-__all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "MAX_HEAD_DIM", "INTERPRETED", "SUPPORTED_DTYPES"]
+__all__ = ["noisy_attention_fwd", "noisy_attention_bwd", "launch", "MAX_HEAD_DIM", "INTERPRETED", "SUPPORTED_DTYPES",
+           "Tiles", "tiles", "fp32_dot_precision"]
 
 
 #: Largest head dim of the kernels (one block of the head dim per tile).
@@ -66,13 +67,68 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _tiles(dtype: torch.dtype, block_d: int) -> Tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the attention kernels."""
+class Tiles(NamedTuple):
+    """The launch configuration of one attention kernel: ``BLOCK_M`` (query rows), ``BLOCK_N`` (key rows),
+    ``num_warps``, ``num_stages``."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+#: Tiles under Triton's interpreter: small, so several tiles (and tile boundaries) even at small N.
+_INTERPRETER_TILES = Tiles(32, 32, 4, 1)
+
+
+def fp32_dot_precision() -> str:
+    """``DOT_PRECISION`` of fp32 attention: ``tf32`` (tensor cores) where PyTorch lets fp32 matmuls use TF32
+    (``torch.backends.cuda.matmul.fp32_precision``, which the legacy ``allow_tf32`` and
+    ``torch.set_float32_matmul_precision`` also set; ``none`` defers to ``torch.backends.fp32_precision``),
+    else ``ieee``: full fp32 accuracy, PyTorch's default."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        prec = matmul.fp32_precision
+    except AttributeError:  # a torch before the fp32_precision API
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if prec == "none":
+        prec = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if prec == "tf32" else "ieee"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp16 / bf16 dots run on tensor cores whatever the precision (it only changes fp32 dots)
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
+# Tiles per pass, sized with `noisynn kernels` (registers, spills, shared memory on sm_80 and sm_90; see
+# benchmarks/kernels/README.md) so that no variant spills.  fp32 with ieee dots runs on FMA units, whose
+# dot layouts hold more of each operand per thread than tensor-core layouts: small tiles.  The backward
+# keeps two fp32 accumulators (dK, dV) per key tile, so dK/dV has tiles of its own.
+_FWD_TILES = {
+    "ieee": lambda bd: Tiles(32, 16, 8, 1),
+    "tf32": lambda bd: Tiles(64, 32, 4, 2),
+    "half": lambda bd: Tiles(128, 64, 8, 2) if bd <= 64 else Tiles(64, 64, 4, 2),
+}
+_DKDV_TILES = {
+    "ieee": lambda bd: Tiles(16, 32, 4, 1),
+    "tf32": lambda bd: Tiles(32, 32, 4, 2),
+    "half": lambda bd: Tiles(64, 128, 8, 2) if bd <= 64 else Tiles(64, 64, 8, 2),
+}
+_DQ_TILES = {
+    "ieee": lambda bd: Tiles(32, 32, 4, 1) if bd <= 64 else Tiles(32, 16, 4, 1),
+    "tf32": lambda bd: Tiles(64, 32, 4, 2),
+    "half": lambda bd: Tiles(128, 64, 8, 2) if bd <= 64 else Tiles(64, 64, 4, 2),
+}
+
+
+def tiles(kernel: str, dtype: torch.dtype, block_d: int, precision: str) -> Tiles:
+    """The :class:`Tiles` of ``kernel`` (``fwd``, ``dkdv`` or ``dq``) for inputs of ``dtype``, head block
+    ``block_d`` and fp32 dot ``precision`` (``ieee`` / ``tf32``; ignored for fp16 / bf16)."""
     if INTERPRETED:
-        return 32, 32, 4, 1  # small tiles: several tiles (and tile boundaries) even at small N
-    if dtype == torch.float32:
-        return 64, 32, 4, 1  # fp32 tiles are twice as large: keep them within shared memory
-    return (128, 64, 8, 2) if block_d <= 64 else (64, 64, 4, 2)
+        return _INTERPRETER_TILES
+    table = {"fwd": _FWD_TILES, "dkdv": _DKDV_TILES, "dq": _DQ_TILES}[kernel]
+    return table[precision if dtype == torch.float32 else "half"](block_d)
 
 
 def _geometry(B: int, N: int, axis: int, prefix_tokens: int, grid_w: int) -> Tuple[int, int]:
@@ -115,10 +171,6 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 def _new_bnhd(B: int, H: int, N: int, D: int, like: Tensor) -> Tensor:
     """A ``(B, H, N, D)`` view of a fresh ``(B, N, H, D)`` buffer."""
     return like.new_empty((B, N, H, D)).transpose(1, 2)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _group_sum(x: Tensor, axis: int, K: int, gw: int, prefix_tokens: int, groups: int) -> Tensor:
@@ -177,7 +229,8 @@ def noisy_attention_fwd(
         B, H, N, D = q.shape
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         block_d = _block_d(D)
-        block_m, block_n, num_warps, num_stages = _tiles(q.dtype, block_d)
+        precision = _dot_precision(q.dtype)
+        block_m, block_n, num_warps, num_stages = tiles("fwd", q.dtype, block_d, precision)
         n_tiles = triton.cdiv(N, block_m)
         K, gw = _geometry(B, N, axis, prefix_tokens, grid_w)
         identity = kind == KIND_CODES["identity"]
@@ -196,7 +249,7 @@ def noisy_attention_fwd(
         wrap_triton(kernels.attn_fwd_kernel)[_grid(B * H, n_tiles)](
             q, k, v, o, lse, part, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             H, N, prefix_tokens, gw, D, qk_scale, n_tiles,
-            PARTIAL=partial_mode, GW_PAD=gw_pad, DOT_PRECISION=_dot_precision(q.dtype),
+            PARTIAL=partial_mode, GW_PAD=gw_pad, DOT_PRECISION=precision,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
         if identity:
             return o, q.new_empty((0,)), lse
@@ -253,7 +306,7 @@ def noisy_attention_bwd(
         q, k, v, o, dy = (_last_dim_contiguous(t) for t in (q, k, v, o, dy))
         lse = lse.contiguous()
         block_d = _block_d(D)
-        block_m, block_n, num_warps, num_stages = _tiles(q.dtype, block_d)
+        precision = _dot_precision(q.dtype)
         K, gw = _geometry(B, N, axis, prefix_tokens, grid_w)
         delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
         if kind == KIND_CODES["identity"]:
@@ -274,13 +327,15 @@ def noisy_attention_bwd(
         dv = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
         qk_scale = scale * 1.4426950408889634
         common = (H, N, D, scale, qk_scale)
-        meta = dict(DOT_PRECISION=_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                    num_warps=num_warps, num_stages=num_stages)
         strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-        wrap_triton(kernels.attn_bwd_dkdv_kernel)[_grid(B * H, triton.cdiv(N, block_n))](
-            q, k, v, do, lse, delta, dk, dv, *strides, *_strides(dk), *common, **meta)
-        wrap_triton(kernels.attn_bwd_dq_kernel)[_grid(B * H, triton.cdiv(N, block_m))](
-            q, k, v, do, lse, delta, dq, *strides, *_strides(dq), *common, **meta)
+        t = tiles("dkdv", q.dtype, block_d, precision)
+        wrap_triton(kernels.attn_bwd_dkdv_kernel)[_grid(B * H, triton.cdiv(N, t.block_n))](
+            q, k, v, do, lse, delta, dk, dv, *strides, *_strides(dk), *common, DOT_PRECISION=precision,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, num_warps=t.num_warps, num_stages=t.num_stages)
+        t = tiles("dq", q.dtype, block_d, precision)
+        wrap_triton(kernels.attn_bwd_dq_kernel)[_grid(B * H, triton.cdiv(N, t.block_m))](
+            q, k, v, do, lse, delta, dq, *strides, *_strides(dq), *common, DOT_PRECISION=precision,
+            BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_D=block_d, num_warps=t.num_warps, num_stages=t.num_stages)
         return dq, dk, dv
 
 
