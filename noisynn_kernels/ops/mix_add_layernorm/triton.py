@@ -5,6 +5,11 @@ The ``@triton.jit`` kernels are in ``triton/mix_layernorm.py``; here are their l
 with ``torch.library.triton_op`` (kernels launched through ``wrap_triton`` so ``torch.compile`` can
 trace into them), with the fakes and the autograd formula of :mod:`.common`.
 
+Backward grids: the row pass runs enough programs to fill the GPU by occupancy (each writes one fp32
+``dweight`` / ``dbias`` partial, added in a fixed order); the ``optimal`` column sums split each group's
+rows over programs (fixed slices, then a fixed-order sum of the partials); rows longer than
+:data:`_BWD_MAX_BLOCK` are done in chunks, after a pass that takes the LayerNorm backward's two row sums.
+
 Launcher conventions: inputs are made contiguous here (a copy for non-contiguous inputs; the
 kernels index rows as ``row * D``), outputs are allocated here, never in kernels.  Statistics and
 ``dweight``/``dbias`` partials are fp32.  Backward recomputes ``x_hat`` from ``residual_out``: it *is*
@@ -57,14 +62,52 @@ def _num_warps(block_d: int) -> int:
     return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
 
 
-def _backward_programs(device: torch.device, n_rows: int) -> int:
-    """Programs of the backward kernel: each loops over a slice of rows and writes one fp32 partial
-    of dweight / dbias, so few programs keep the partials small (one per SM on a GPU)."""
+def _bwd_num_warps(block_d: int) -> int:
+    """Warps of the backward kernel: it keeps about twice the forward's rows of ``BLOCK_D`` live (the row,
+    its gradient, ``x_hat``, the ``dweight`` / ``dbias`` accumulators), so it spreads them over more
+    threads one step earlier."""
+    return 4 if block_d <= 512 else 8 if block_d <= 2048 else 16
+
+
+#: Resident warps per SM the backward grid aims at (of 64 on sm_80 / sm_90: half occupancy, which a
+#: memory-bound row loop needs to hide latency, within the registers a 255-register thread allows).
+_TARGET_WARPS_PER_SM = 32
+#: SMs assumed where the device has none to ask (``meta`` tensors of `noisynn kernels`: an H100 SXM).
+_DEFAULT_SMS = 132
+#: Programs of the backward under Triton's interpreter (a few: each runs one after the other on the CPU).
+_INTERPRETER_PROGRAMS = 8
+
+
+def _backward_programs(device: torch.device, n_rows: int, num_warps: int) -> int:
+    """Programs of the backward kernel: each loops over a slice of rows and writes one fp32 partial of
+    dweight / dbias (added in a fixed order afterwards), so there are enough programs to fill the GPU at
+    :data:`_TARGET_WARPS_PER_SM` resident warps per SM, and no more (each program adds a partial row)."""
     if device.type == "cuda":
-        n = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    elif device.type == "cpu":
+        return max(1, min(n_rows, _INTERPRETER_PROGRAMS))
     else:
-        n = 8
-    return max(1, min(n_rows, n))
+        sms = _DEFAULT_SMS
+    per_sm = max(1, _TARGET_WARPS_PER_SM // num_warps)
+    return max(1, min(n_rows, sms * per_sm))
+
+
+#: Rows of a group one program of the column-sum pass adds (phase 1; the launcher adds the partials).
+_ROWS_PER_SPLIT = 64
+#: Widest block of the backward: longer rows are done in chunks of this many columns (a row of up to 16K-32K
+#: elements in one block would not fit the registers of a thread block).
+_BWD_MAX_BLOCK = 4096
+
+
+def _group_sums(groups: int, K: int, D: int, chunks: int, device: torch.device, launch) -> Tensor:
+    """``(groups, D)`` fp32 column sums of the groups' source rows: ``launch(part, grid, rows_per_split)``
+    runs :func:`group_sum_kernel` into ``part`` (``(groups, splits, D)``) on the grid ``(groups, splits,
+    chunks)``, and the partials are then added in a fixed order."""
+    rows_per_split = min(max(K, 1), _ROWS_PER_SPLIT)
+    splits = triton.cdiv(max(K, 1), rows_per_split)
+    part = torch.empty((groups, splits, D), dtype=torch.float32, device=device)
+    launch(part, (groups, splits, chunks), rows_per_split)
+    return part.sum(dim=1) if splits > 1 else part.view(groups, D)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,12 +157,15 @@ def mix_add_layernorm_fwd(
         # passed twice would look aliased to torch.compile's mutation analysis).
         colsum = x  # placeholder: read only when kind == optimal
         if kind == KIND_CODES["optimal"]:
-            colsum = torch.empty((groups, D), dtype=torch.float32, device=x.device)
             src = kernels.SRC_NORM.value if mix_after_norm else kernels.SRC_SUM.value
-            wrap_triton(kernels.group_sum_kernel)[(groups,)](
-                colsum, x, res, w, b, x, x, x, N, prefix_tokens, K, step, D, eps,
-                AXIS=axis, SRC=src, HAS_RES=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-                BLOCK_D=block_d, num_warps=num_warps)
+
+            def colsum_pass(part, grid, rows_per_split):
+                wrap_triton(kernels.group_sum_kernel)[grid](
+                    part, x, res, w, b, x, x, x, x, N, prefix_tokens, K, step, D, eps, rows_per_split,
+                    AXIS=axis, SRC=src, HAS_RES=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+                    HAS_STATS=False, BLOCK_D=block_d, num_warps=num_warps)
+
+            colsum = _group_sums(groups, K, D, 1, x.device, colsum_pass)
         mix = x  # placeholder: read only when kind == dense
         if kind == KIND_CODES["dense"]:
             mix = mix_matrix.to(device=x.device, dtype=torch.float32).contiguous()
@@ -172,34 +218,49 @@ def mix_add_layernorm_bwd(
             zeros = torch.zeros((D,), dtype=torch.float32, device=device)
             return dx, zeros, zeros.clone()
         K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
-        block_d = triton.next_power_of_2(D)
-        num_warps = _num_warps(block_d)
-
+        block_d = min(triton.next_power_of_2(D), _BWD_MAX_BLOCK)
+        chunks = triton.cdiv(D, block_d)
+        num_warps = _bwd_num_warps(block_d)
+        optimal = kind == KIND_CODES["optimal"]
+        mix_t = dy  # placeholder (never written): read only when kind == dense
+        if kind == KIND_CODES["dense"]:
+            mix_t = mix_matrix.to(device=device, dtype=torch.float32).t().contiguous()
         colsum = dy  # placeholder (never written): read only when kind == optimal (M is symmetric)
-        if kind == KIND_CODES["optimal"]:
-            colsum = torch.empty((groups, D), dtype=torch.float32, device=device)
+        stats = dy  # placeholder: the LayerNorm backward's row sums, (n_rows, 2) fp32 when rows are chunked
+
+        def colsum_pass(part, grid, rows_per_split):
             if mix_after_norm:
                 src, src_has_res = kernels.SRC_GRAD.value, False
             else:
                 src, src_has_res = kernels.SRC_LN_GRAD.value, has_dres
-            wrap_triton(kernels.group_sum_kernel)[(groups,)](
-                colsum, dy, dres, w, w, r, mean, rstd, N, prefix_tokens, K, step, D, 0.0,
+            wrap_triton(kernels.group_sum_kernel)[grid](
+                part, dy, dres, w, w, r, mean, rstd, stats, N, prefix_tokens, K, step, D, 0.0, rows_per_split,
                 AXIS=axis, SRC=src, HAS_RES=src_has_res, HAS_WEIGHT=has_weight, HAS_BIAS=False,
-                BLOCK_D=block_d, num_warps=num_warps)
-        mix_t = dy  # placeholder (never written): read only when kind == dense
-        if kind == KIND_CODES["dense"]:
-            mix_t = mix_matrix.to(device=device, dtype=torch.float32).t().contiguous()
+                HAS_STATS=chunks > 1, BLOCK_D=block_d, num_warps=num_warps)
 
-        n_programs = _backward_programs(device, n_rows)
+        # Order of the passes: the column sums of dz = M^T dy come first where the row sums need them
+        # (mix_after_norm); the column sums of LN-backward(dy) need the row sums (default order).
+        if optimal and mix_after_norm:
+            colsum = _group_sums(groups, K, D, chunks, device, colsum_pass)
+        if chunks > 1:
+            stats = torch.empty((n_rows, 2), dtype=torch.float32, device=device)
+            wrap_triton(kernels.ln_grad_stats_kernel)[(n_rows,)](
+                stats, dy, r, w, mean, rstd, mix_t, colsum, N, prefix_tokens, K, step, D, alpha, (K + shift) % K,
+                KIND=kind, AXIS=axis, HAS_WEIGHT=has_weight, MIX_AFTER_NORM=mix_after_norm, BLOCK_D=block_d,
+                num_warps=num_warps)
+        if optimal and not mix_after_norm:
+            colsum = _group_sums(groups, K, D, chunks, device, colsum_pass)
+
+        n_programs = _backward_programs(device, n_rows, num_warps)
         rows_per_program = triton.cdiv(n_rows, n_programs)
         n_programs = triton.cdiv(n_rows, rows_per_program)
         dw_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
         db_part = torch.empty((n_programs, D), dtype=torch.float32, device=device)
         wrap_triton(kernels.mix_add_layernorm_bwd_kernel)[(n_programs,)](
-            dy, dres, r, w, mean, rstd, dx, dw_part, db_part, mix_t, colsum,
+            dy, dres, r, w, mean, rstd, dx, dw_part, db_part, mix_t, colsum, stats,
             n_rows, N, prefix_tokens, K, step, D, alpha, (K + shift) % K, rows_per_program,
             KIND=kind, AXIS=axis, HAS_DRES=has_dres, HAS_WEIGHT=has_weight, MIX_AFTER_NORM=mix_after_norm,
-            BLOCK_D=block_d, num_warps=num_warps)
+            HAS_STATS=chunks > 1, BLOCK_D=block_d, num_warps=num_warps)
         return dx, dw_part.sum(dim=0), db_part.sum(dim=0)
 
 
