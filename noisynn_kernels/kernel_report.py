@@ -79,14 +79,15 @@ PREFIX = 1
 PATCH_GRID = (14, 14)
 BATCH = 64              # the batch of the compiled launches
 GRID_BATCH = 4096       # the largest batch whose launch grids are checked (recorded, not compiled again)
-LN_DIMS = (192, 384, 768, 1024, 1280, 1536, 2048, 4096)
+#: (8192 and 16384: rows the backward does in chunks)
+LN_DIMS = (192, 384, 768, 1024, 1280, 1536, 2048, 4096, 8192, 16384)
 #: head dim -> heads (ViT-B/16: 12 x 64; ViT-H/14: 16 x 80; 8 x 128 as in 1024-wide models with 8 heads)
 ATTN_HEADS = {64: 12, 80: 16, 128: 8}
 KINDS = ("identity", "shift", "optimal", "dense")
 AXES = ("tokens", "rows", "batch")
 DTYPES = ("float16", "bfloat16", "float32")
-#: Philox seeds of the random noises: Triton specializes an int argument on divisibility by 16, so a
-#: launcher-drawn seed picks one of two variants (one in 16 seeds is divisible).
+#: Philox seeds of the random noises, one divisible by 16: the kernels do not specialize ``seed``
+#: (``do_not_specialize``), so both give the same variant (else a drawn seed would pick one of two).
 SEEDS = (12345, 12345 * 16)
 
 _NVCC_SOURCE = os.path.join("csrc", "cuda", "mix_add_layernorm.cu")
@@ -336,9 +337,11 @@ def _cfg(kind: str, axis: str, k: int):
 def _layernorm_cases(quick: bool, batch: int) -> list[dict]:
     cases = []
     if quick:
-        # every kernel and dtype: optimal runs group_sum_kernel too; both D extremes of the block sizes
+        # every kernel and dtype: optimal runs group_sum_kernel too; both D extremes of the block sizes, and
+        # a row the backward does in chunks (ln_grad_stats_kernel)
         for dtype in DTYPES:
-            for D, kind, axis, after in ((768, "optimal", "tokens", False), (4096, "optimal", "rows", True)):
+            for D, kind, axis, after in ((768, "optimal", "tokens", False), (4096, "optimal", "rows", True),
+                                         (8192, "optimal", "tokens", False)):
                 cases.append(dict(D=D, dtype=dtype, kind=kind, axis=axis, mix_after_norm=after, residual=True,
                                   weight_dtype=dtype, d_residual_out=True))
         return [dict(c, batch=batch) for c in cases]
@@ -395,19 +398,50 @@ def _record_layernorm(recorder: _Recorder, case: dict) -> None:
 
 
 def _attention_cases(quick: bool, batch: int) -> list[dict]:
+    """fp32 cases come twice, with PyTorch's fp32 matmul precision ``ieee`` (the default: FMA dots) and
+    ``tf32`` (tensor cores), the two tile sets of the fp32 kernels."""
     cases = []
     if quick:
         # every kernel and dtype; both tile configurations of fp16/bf16 (Dh 64 and 128); all partial modes
         for dtype in DTYPES:
             for Dh, kind, axis in ((64, "optimal", "tokens"), (128, "optimal", "rows"), (128, "optimal", "batch")):
                 cases.append(dict(Dh=Dh, dtype=dtype, kind=kind, axis=axis))
+        for Dh in (64, 128):
+            cases.append(dict(Dh=Dh, dtype="float32", kind="identity", axis="tokens", precision="tf32"))
     else:
         for dtype in DTYPES:
             for Dh in ATTN_HEADS:
                 for kind in KINDS:
                     for axis in AXES:
                         cases.append(dict(Dh=Dh, dtype=dtype, kind=kind, axis=axis))
+                        if dtype == "float32":
+                            cases.append(dict(Dh=Dh, dtype=dtype, kind=kind, axis=axis, precision="tf32"))
     return [dict(c, batch=batch, heads=ATTN_HEADS[c["Dh"]]) for c in cases]
+
+
+@contextlib.contextmanager
+def _fp32_precision(precision: str | None):
+    """PyTorch's fp32 matmul precision set to ``precision`` (``None``: as it is) for the block."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    if precision is None or not hasattr(torch.backends, "fp32_precision"):
+        if precision == "tf32":  # a torch before the fp32_precision API
+            saved = matmul.allow_tf32
+            matmul.allow_tf32 = True
+            try:
+                yield
+            finally:
+                matmul.allow_tf32 = saved
+        else:
+            yield
+        return
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
 
 
 def _record_attention(recorder: _Recorder, case: dict) -> None:
@@ -427,21 +461,24 @@ def _record_attention(recorder: _Recorder, case: dict) -> None:
     kmix = {"tokens": N - PREFIX, "rows": PATCH_GRID[0], "batch": B}[case["axis"]]
     spec, scale = check_noisy_attention(q, k, v, _cfg(case["kind"], case["axis"], kmix), None, PREFIX, grid)
     margs = mix_args(spec, meta)
-    recorder.case = dict(case, op="noisy_attention_fwd")
-    y, o, lse = _op_body(ops.noisy_attention_fwd)(q, k, v, float(scale), *margs, False)
-    saved_o = y if case["kind"] == "identity" else o
-    # the gradient of y.transpose(1, 2).reshape(B, N, H * Dh): a (B, H, N, Dh) view of a (B, N, H, Dh) buffer
-    dy = torch.empty((B, N, H, Dh), dtype=dt, device=meta).transpose(1, 2)
-    recorder.case = dict(case, op="noisy_attention_bwd")
-    _op_body(ops.noisy_attention_bwd)(dy, q, k, v, saved_o, lse, float(scale), margs.kind, margs.axis, margs.alpha,
-                                      margs.shift, margs.mix_matrix, margs.prefix_tokens, margs.grid_w)
+    with _fp32_precision(case.get("precision")):
+        recorder.case = dict(case, op="noisy_attention_fwd")
+        y, o, lse = _op_body(ops.noisy_attention_fwd)(q, k, v, float(scale), *margs, False)
+        saved_o = y if case["kind"] == "identity" else o
+        # the gradient of y.transpose(1, 2).reshape(B, N, H * Dh): a (B, H, N, Dh) view of a (B, N, H, Dh) buffer
+        dy = torch.empty((B, N, H, Dh), dtype=dt, device=meta).transpose(1, 2)
+        recorder.case = dict(case, op="noisy_attention_bwd")
+        _op_body(ops.noisy_attention_bwd)(dy, q, k, v, saved_o, lse, float(scale), margs.kind, margs.axis,
+                                          margs.alpha, margs.shift, margs.mix_matrix, margs.prefix_tokens, margs.grid_w)
 
 
 def _random_cases(quick: bool, batch: int) -> list[dict]:
-    seeds = SEEDS[:1] if quick else SEEDS
+    """``keyed``: the launch under CUDA-graph capture, reading ``[seed, offset]`` from a device tensor."""
+    seeds = SEEDS  # both in quick too: unspecialized, they are one variant (the quick test checks it)
     prefixes = (PREFIX,) if quick else (0, PREFIX)
-    return [dict(dtype=dtype, prefix_tokens=prefix, seed=seed, value_range=rule, batch=batch)
-            for dtype in DTYPES for prefix in prefixes for seed in seeds for rule in _value_ranges()]
+    return [dict(dtype=dtype, prefix_tokens=prefix, seed=seed, value_range=rule, keyed=keyed, batch=batch)
+            for dtype in DTYPES for prefix in prefixes for seed in seeds for rule in _value_ranges()
+            for keyed in (False, True)]
 
 
 def _value_ranges() -> tuple[str, ...]:
@@ -458,10 +495,12 @@ def _record_random(recorder: _Recorder, case: dict) -> None:
     from . import reference
     from .ops.random_noise import triton as ops
 
-    x = torch.empty((case["batch"], TOKENS, 768), dtype=_dtype(case["dtype"]), device=torch.device("meta"))
+    meta = torch.device("meta")
+    x = torch.empty((case["batch"], TOKENS, 768), dtype=_dtype(case["dtype"]), device=meta)
     seed, prefix = case["seed"], case["prefix_tokens"]
+    key = torch.empty((2,), dtype=torch.int64, device=meta) if case.get("keyed") else None
     recorder.case = dict(case, op="gaussian_noise")
-    _op_body(ops._gaussian_op)(x, seed, 0.0, 1.0, 0.1, prefix)
+    _op_body(ops._gaussian_op)(x, seed, 0.0, 1.0, 0.1, prefix, key)
     recorder.case = dict(case, op="salt_and_pepper_noise")
     # low / high as launch_salt_and_pepper computes them when not given
     body = x[:, prefix:] if prefix else x
@@ -469,9 +508,9 @@ def _record_random(recorder: _Recorder, case: dict) -> None:
         lo, hi = reference.salt_and_pepper_range(body, case["value_range"])
     else:
         lo, hi = body.amin(), body.amax()
-    _op_body(ops._salt_and_pepper_op)(x, lo, hi, seed, 0.1, prefix)
+    _op_body(ops._salt_and_pepper_op)(x, lo, hi, seed, 0.1, prefix, key)
     recorder.case = dict(case, op="salt_and_pepper_noise_backward")
-    _op_body(ops._salt_and_pepper_backward_op)(x, seed, 0.1, prefix)
+    _op_body(ops._salt_and_pepper_backward_op)(x, seed, 0.1, prefix, key)
 
 
 def record_launches(quick: bool, batch: int = BATCH) -> tuple[list[Launch], list[dict]]:
@@ -938,7 +977,7 @@ def run(targets: Iterable[str] = DEFAULT_TARGETS, quick: bool = False, include_c
                      "ptxas": ptxas_versions, "nvcc": nvcc_version, "python": sys.version.split()[0]},
         "limits": LIMITS,
         "shapes": {"tokens": TOKENS, "prefix_tokens": PREFIX, "patch_grid": list(PATCH_GRID), "batch": BATCH,
-                   "grid_batch": grid_batch, "layernorm_dims": list(LN_DIMS) if not quick else [768, 4096],
+                   "grid_batch": grid_batch, "layernorm_dims": list(LN_DIMS) if not quick else [768, 4096, 8192],
                    "attention_heads": {str(k): v for k, v in ATTN_HEADS.items()}, "dtypes": list(DTYPES)},
         "kernels": all_kernels,
         "uncovered": uncovered,

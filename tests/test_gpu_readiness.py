@@ -6,7 +6,10 @@ launch logic on CPU) and on a GPU where only one can (tests marked ``gpu``):
 - a dense matrix is built and checked once on the host, then cached on the device (no host sync per
   call; CUDA-graph capture works);
 - empty inputs to the Triton LayerNorm ops launch nothing (no division by zero);
-- under autocast ``noisy_attention`` casts its inputs as SDPA does (``qk_norm`` models).
+- under autocast ``noisy_attention`` casts its inputs as SDPA does (``qk_norm`` models);
+- launch configurations sized for a GPU: fp32 attention follows PyTorch's fp32 matmul precision (``ieee``
+  by default), the LayerNorm backward fills the GPU by occupancy, its column sums split long groups (the
+  resource use of each variant is checked by `noisynn kernels`, tests/test_kernel_report.py).
 """
 
 import ast
@@ -291,3 +294,168 @@ def test_fused_noise_follows_the_pinned_philox_stream(seed):
     u = _expected_uniform(seed, n)
     replaced = (u < np.float32(p * 0.5)) | (u > np.float32(1.0 - p * 0.5))
     assert np.array_equal(g.grad.flatten().cpu().numpy() == 0, replaced)
+
+
+# --------------------------------------------------------------------------------------------------
+# launch configurations sized for a GPU (their registers and spills: tests/test_kernel_report.py)
+
+
+@pytest.fixture
+def fp32_precision():
+    """Sets ``torch.backends.cuda.matmul.fp32_precision`` for a test and restores it."""
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+
+    def set_(value):
+        matmul.fp32_precision = value
+
+    yield set_
+    matmul.fp32_precision = saved
+
+
+def test_fp32_attention_dot_precision_follows_torch(fp32_precision):
+    pytest.importorskip("triton")
+    from noisynn_kernels.ops.noisy_attention import triton as op
+
+    fp32_precision("ieee")
+    assert op.fp32_dot_precision() == "ieee"
+    fp32_precision("tf32")
+    assert op.fp32_dot_precision() == "tf32"
+    fp32_precision("none")  # defers to the global setting, ieee unless it was changed
+    assert op.fp32_dot_precision() == ("tf32" if torch.backends.fp32_precision == "tf32" else "ieee")
+
+
+@needs_triton
+def test_attention_launches_carry_the_precision_and_their_own_tiles(monkeypatch, fp32_precision):
+    from noisynn_kernels.ops.noisy_attention import triton as op
+
+    launches = []
+    real = op.wrap_triton
+
+    def recording(kernel):
+        launcher = real(kernel)
+
+        class Recorder:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((kernel.__name__, grid, kwargs))
+                    return launcher[grid](*args, **kwargs)
+
+                return launch
+
+        return Recorder()
+
+    monkeypatch.setattr(op, "wrap_triton", recording)
+    B, H, N, Dh = 1, 2, 1 + 16, 16
+    for precision in ("ieee", "tf32"):
+        fp32_precision(precision)
+        launches.clear()
+        q, k, v = (torch.randn(B, H, N, Dh, device=DEVICE, requires_grad=True) for _ in range(3))
+        y = nk.noisy_attention(q, k, v, mix=nk.NoiseConfig(kind="shift"), prefix_tokens=1, backend="triton")
+        y.sum().backward()
+        attn = {name: kw for name, _, kw in launches if name.startswith("attn_")}
+        assert set(attn) == {"attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel"}
+        for name, kw in attn.items():
+            assert kw["DOT_PRECISION"] == precision, name
+            t = op.tiles({"attn_fwd_kernel": "fwd", "attn_bwd_dkdv_kernel": "dkdv", "attn_bwd_dq_kernel": "dq"}[name],
+                         torch.float32, 16, precision)
+            assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]) == tuple(t), name
+    # the compiled tile tables (the interpreter runs small tiles): fp32 ieee dots (FMA) get smaller tiles than
+    # tensor-core ones, and dK/dV its own; every dot dimension at least 16
+    monkeypatch.setattr(op, "INTERPRETED", False)
+    for bd in (64, 128):
+        for kernel in ("fwd", "dkdv", "dq"):
+            ieee = op.tiles(kernel, torch.float32, bd, "ieee")
+            half = op.tiles(kernel, torch.float16, bd, "ieee")
+            assert ieee.block_m * ieee.block_n < half.block_m * half.block_n
+            assert min(ieee.block_m, ieee.block_n, half.block_m, half.block_n) >= 16
+            assert op.tiles(kernel, torch.bfloat16, bd, "tf32") == half  # precision only changes fp32
+        assert op.tiles("dkdv", torch.float16, bd, "tf32") != op.tiles("fwd", torch.float16, bd, "tf32")
+
+
+def test_layernorm_backward_grid_fills_the_gpu_by_occupancy(monkeypatch):
+    pytest.importorskip("triton")
+    import types
+
+    from noisynn_kernels.ops.mix_add_layernorm import triton as op
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        multi_processor_count=108))
+    gpu = torch.device("cuda", 0)
+    for warps in (4, 8, 16):
+        n = op._backward_programs(gpu, 10 ** 6, warps)
+        assert n == 108 * (op._TARGET_WARPS_PER_SM // warps)  # 32 resident warps per SM, not one program
+        assert n * warps >= 108 * 16
+    assert op._backward_programs(gpu, 300, 4) == 300  # never more programs than rows
+    assert op._backward_programs(torch.device("meta"), 10 ** 6, 8) == op._DEFAULT_SMS * 4
+    assert op._bwd_num_warps(1024) >= op._num_warps(1024)  # backward keeps more of a row live
+
+
+def test_layernorm_column_sums_split_long_groups():
+    """The optimal column-sum pass runs ``(groups, splits)`` programs: a tokens group of 196 rows is 4 slices of
+    at most 64 rows, not one program per sample (recorded launches of the op bodies on meta tensors)."""
+    pytest.importorskip("triton")
+    from noisynn_kernels import kernel_report
+    from noisynn_kernels.triton import mix_layernorm as kernels
+
+    launches, refused = kernel_report.record_launches(quick=True, batch=64)
+    assert not refused
+    sums = [la for la in launches if la.kernel is kernels.group_sum_kernel]
+    assert sums
+    for la in sums:
+        groups, splits, chunks = la.grid
+        D = la.case["D"]
+        # forward: whole rows; backward: chunks of the widest backward block (D = 8192: two)
+        assert chunks == (1 if la.case["op"].endswith("fwd") else -(-D // min(D, 4096)))
+        K = {"tokens": 196, "rows": 14}[la.case["axis"]]
+        assert splits == -(-K // min(K, 64)) and groups == (64 if la.case["axis"] == "tokens" else 64 * 14)
+        assert la.args[la.kernel.arg_names.index("rows_per_split")] == min(K, 64)
+    bwd = [la for la in launches if la.kernel is kernels.mix_add_layernorm_bwd_kernel]
+    assert bwd and all(la.grid[0] > 132 for la in bwd)  # by occupancy on the assumed 132-SM GPU
+
+
+def _layernorm_against_fp64(cfg, mix_after_norm, D=40, B=2, N=1 + 16, axis_grid=None):
+    """The Triton op's outputs and gradients (fp32) against the reference's in fp64."""
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(B, N, D, generator=g) for _ in range(2))
+    w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    outs = {}
+    for name, dt in (("triton", torch.float32), ("reference", torch.float64)):
+        args = [t.detach().to(DEVICE if name == "triton" else "cpu", dt).requires_grad_(True) for t in (x, r, w, b)]
+        normed, res = nk.mix_add_layernorm(*args, mix=cfg, prefix_tokens=1, mix_after_norm=mix_after_norm,
+                                           grid=axis_grid, backend=name)
+        (normed * torch.linspace(-1, 1, D, dtype=dt, device=normed.device)).sum().backward()
+        outs[name] = [normed, res] + [a.grad for a in args]
+    for ours, ref in zip(outs["triton"], outs["reference"]):
+        torch.testing.assert_close(ours.double().cpu(), ref, rtol=0, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("mix_after_norm", (False, True))
+def test_layernorm_split_column_sums_match_the_reference(monkeypatch, mix_after_norm):
+    """Slices of 3 rows (so a 16-row group has 6 partials, the last one short): forward and gradients as the
+    reference in fp64."""
+    from noisynn_kernels.ops.mix_add_layernorm import triton as op
+
+    monkeypatch.setattr(op, "_ROWS_PER_SPLIT", 3)
+    _layernorm_against_fp64(nk.NoiseConfig(kind="optimal"), mix_after_norm)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind,axis", [("identity", "tokens"), ("shift", "tokens"), ("optimal", "tokens"),
+                                       ("dense", "tokens"), ("optimal", "batch"), ("shift", "rows")])
+@pytest.mark.parametrize("mix_after_norm", (False, True))
+def test_layernorm_backward_in_chunks_matches_the_reference(monkeypatch, kind, axis, mix_after_norm):
+    """Rows longer than the backward's widest block are done in chunks (here 32 columns: D = 100 is four
+    chunks, the last one short) after a pass that takes the LayerNorm backward's row sums."""
+    from noisynn_kernels.ops.mix_add_layernorm import triton as op
+
+    launched = []
+    real = op.wrap_triton
+    monkeypatch.setattr(op, "wrap_triton", lambda kernel: launched.append(kernel) or real(kernel))
+    monkeypatch.setattr(op, "_BWD_MAX_BLOCK", 32)
+    k = 16 if axis == "tokens" else 4 if axis == "rows" else 2
+    matrix = 0.1 * torch.rand(k, k, generator=torch.Generator().manual_seed(1)) if kind == "dense" else None
+    cfg = nk.NoiseConfig(kind=kind, axis=axis, matrix=matrix, allow_batch_dependence=True)
+    _layernorm_against_fp64(cfg, mix_after_norm, D=100, axis_grid=(4, 4) if axis == "rows" else None)
+    assert op.kernels.ln_grad_stats_kernel in launched
