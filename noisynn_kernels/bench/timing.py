@@ -29,12 +29,19 @@ class Timing:
         return statistics.median(self.times)
 
     @property
+    def quartiles(self) -> tuple[float, float]:
+        """First and third quartile of the times (the minimum and maximum for fewer than 4 times): the
+        interquartile range that the plots draw as error bars."""
+        if len(self.times) < 4:
+            return min(self.times), max(self.times)
+        q = statistics.quantiles(self.times, n=4)
+        return q[0], q[2]
+
+    @property
     def spread(self) -> float:
         """Interquartile range relative to the median (0.05 = 5%)."""
-        if len(self.times) < 4:
-            return (max(self.times) - min(self.times)) / self.median
-        q = statistics.quantiles(self.times, n=4)
-        return (q[2] - q[0]) / self.median
+        q1, q3 = self.quartiles
+        return (q3 - q1) / self.median
 
     def ratio_to(self, baseline: Timing) -> float:
         """Median over rounds of ``baseline / self``: the speed-up of this competitor over ``baseline``."""
