@@ -139,10 +139,17 @@ class MixSpec(NamedTuple):
     k: int                           # rows mixed together
 
 
+# mix=None as a config, built once (NoiseConfig is frozen): constructing it costs more than every other
+# check of a call together.
+_IDENTITY = NoiseConfig(kind="identity")
+
+
 def _linear_config(mix) -> NoiseConfig:
+    if mix is None:
+        return _IDENTITY
     cfg = NoiseConfig.coerce(mix)
     if cfg is None:
-        return NoiseConfig(kind="identity")
+        return _IDENTITY
     if not cfg.is_linear:
         raise ConfigError(f"mix must be linear transform noise (kind in {quality.LINEAR_KINDS}) or None, "
                           f"got kind={cfg.kind!r}")
@@ -156,7 +163,24 @@ def _check_mix_size(cfg: NoiseConfig, k: int, rows: str, t: torch.Tensor, prefix
                          f"{cfg.axis!r} mixes k = {k} {rows} of shape {tuple(t.shape)} "
                          f"(prefix_tokens = {prefix_tokens})")
     if cfg.kind == "shift" and cfg.check_matrix:
-        quality.check_structured("shift", k, cfg.alpha)
+        _check_shift(k, cfg.alpha)
+
+
+# (k, alpha) of the shifts that passed quality.check_structured: the check is a closed form, the same
+# answer for every call of a layer, so each pair is checked once (a bounded set; failures are never kept).
+_SHIFTS_OK: set = set()
+
+
+def _check_shift(k, alpha) -> None:
+    if torch.compiler.is_compiling() or traced(k) or traced(alpha):  # (no cache inside a traced graph)
+        return quality.check_structured("shift", k, alpha)
+    key = (k, alpha)
+    if key in _SHIFTS_OK:
+        return None
+    quality.check_structured("shift", k, alpha)
+    if len(_SHIFTS_OK) < 1024:
+        _SHIFTS_OK.add(key)
+    return None
 
 
 def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm) -> MixSpec:
