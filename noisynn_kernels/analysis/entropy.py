@@ -317,7 +317,7 @@ def apply_noise(features: torch.Tensor, noise, *, prefix_tokens: int = 0, grid=N
         if cfg.is_linear:
             return linear_transform_noise(
                 t, cfg.kind, axis=cfg.axis, alpha=cfg.alpha, matrix=cfg.matrix, prefix_tokens=prefix_tokens,
-                grid=grid, straight_through=cfg.straight_through, check=cfg.check_matrix)
+                grid=grid, straight_through=cfg.straight_through, check=cfg.check_matrix, shift=cfg.shift)
         if cfg.kind == "gaussian":
             return gaussian_noise(t, std=cfg.std, mean=cfg.mean, strength=cfg.strength,
                                               prefix_tokens=prefix_tokens, generator=gen)
@@ -423,7 +423,7 @@ def entropy_diagnostics(features: torch.Tensor, labels, noise, *, prefix_tokens:
         k = mixed_size(x, cfg.axis, prefix_tokens, grid)
     after = apply_noise(x, cfg, prefix_tokens=prefix_tokens, grid=grid, batches=batches, seed=seed)
     if cfg.is_linear:
-        M = mixing_matrix(cfg.kind, k, cfg.alpha, cfg.matrix)
+        M = mixing_matrix(cfg.kind, k, cfg.alpha, cfg.matrix, shift=cfg.shift)
         delta_S = entropy_change(M)
         if not cfg.mixes_batch and math.isfinite(delta_S):
             mixed = x[0].numel() - (prefix_tokens * x.shape[-1] if x.dim() == 3 else 0)

@@ -69,7 +69,7 @@ class EagerNoiseInjection(NoiseInjection):
         key = (k, like.dtype, like.device)
         if key not in self._q:
             c = self.config
-            M = quality.mixing_matrix(c.kind, k, c.alpha, self.quality_matrix)
+            M = quality.mixing_matrix(c.kind, k, c.alpha, self.quality_matrix, shift=c.shift)
             self._q[key] = (M - torch.eye(k, dtype=M.dtype)).to(dtype=like.dtype, device=like.device)
         return self._q[key]
 
