@@ -2,10 +2,10 @@
 
 Layout: every tensor is a contiguous ``(B * N, D)`` matrix of rows (the launcher makes it so); a
 row is one token of one sample, ``row = b * N + n``, and one program owns whole rows of ``D``: in
-the forward in a single ``BLOCK_D = next_power_of_2(D)`` block (masked, so any ``D`` works); in the
-backward in chunks of ``BLOCK_D`` columns when a row is longer than the launcher's largest block (the
-LayerNorm backward's two row sums then come from :func:`ln_grad_stats_kernel`, the rest of the
-backward is column by column).
+a single ``BLOCK_D = next_power_of_2(D)`` block (masked, so any ``D`` works), or chunks of ``BLOCK_D``
+columns when a row is longer than the launcher's largest block: the row statistics then come first
+from their own pass (the forward's mean and rstd from :func:`ln_fwd_stats_kernel`, the LayerNorm
+backward's two row sums from :func:`ln_grad_stats_kernel`) and the rest is column by column.
 
 The three mixing axes are one problem with different strides.  Patch token ``p = n - P`` (``P``
 prefix tokens are never mixed) of sample ``b`` sits at position ``i`` of group ``g`` of ``K`` rows
@@ -72,10 +72,12 @@ def _source_row(row, cols, mask, D, eps, X, RES, W, BIAS, RIN, MEAN, RSTD, STATS
     """Columns ``cols`` of row ``row`` of the source being mixed, in fp32, zero on padding.
 
     ``X``/``RES``: ``x``/``residual`` (SUM, NORM) or ``dy``/``d_residual_out`` (GRAD, LN_GRAD);
-    ``RIN``, ``MEAN``, ``RSTD``: the saved LN input and statistics (LN_GRAD only).  LN_GRAD needs two
-    sums over the whole row (``c1``, ``c2`` of the LayerNorm backward): with ``HAS_STATS`` they are read
-    from ``STATS[row] = (c1, c2)`` (:func:`ln_grad_stats_kernel`), so ``cols`` may be a chunk of the row;
-    else ``cols`` is the whole row and they are summed here.  NORM always takes the whole row.
+    ``RIN``, ``MEAN``, ``RSTD``: the saved LN input and statistics (LN_GRAD; NORM reads ``MEAN`` / ``RSTD``).
+    LN_GRAD needs two sums over the whole row (``c1``, ``c2`` of the LayerNorm backward): with ``HAS_STATS``
+    they are read from ``STATS[row] = (c1, c2)`` (:func:`ln_grad_stats_kernel`), so ``cols`` may be a chunk
+    of the row; else ``cols`` is the whole row and they are summed here.  NORM likewise: with ``HAS_STATS``
+    the row's mean and rstd are read from ``MEAN`` / ``RSTD`` (:func:`ln_fwd_stats_kernel`), else ``cols``
+    is the whole row and they are computed here.
     """
     off = tl.cast(row, tl.int64) * D + cols
     v = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
@@ -99,8 +101,11 @@ def _source_row(row, cols, mask, D, eps, X, RES, W, BIAS, RIN, MEAN, RSTD, STATS
         if HAS_RES:
             v += tl.load(RES + off, mask=mask, other=0.0).to(tl.float32)
         if SRC == SRC_NORM:
-            mean, rstd, diff = _ln_stats(v, mask, D, eps)
-            v = diff * rstd
+            if HAS_STATS:
+                v = tl.where(mask, (v - tl.load(MEAN + row)) * tl.load(RSTD + row), 0.0)
+            else:
+                mean, rstd, diff = _ln_stats(v, mask, D, eps)
+                v = diff * rstd
             if HAS_WEIGHT:
                 v = v * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
@@ -220,6 +225,47 @@ def ln_grad_stats_kernel(
     tl.store(STATS + tl.cast(row, tl.int64) * 2 + 1, tl.sum(acc2, axis=0) / D)
 
 
+@triton.jit(do_not_specialize=["shift_off"])
+def ln_fwd_stats_kernel(
+    MEAN, RSTD, X, RES, W, BIAS, MIX, COLSUM,
+    N, P, K, STEP, D, eps, alpha, shift_off,
+    KIND: tl.constexpr, AXIS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MIX_AFTER_NORM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``MEAN[row]``, ``RSTD[row]``: the statistics of the LayerNorm input of row ``row`` (``M (x + residual)``,
+    or ``x + residual`` with ``MIX_AFTER_NORM``), one program a row, ``BLOCK_D`` columns at a time, for rows
+    longer than one block (:func:`mix_add_layernorm_fwd_kernel` with ``HAS_STATS`` then reads them).
+
+    Each chunk's mean and sum of squared deviations are exact two-pass values from registers; the chunks
+    are merged with the pairwise update of Chan et al. (``M2 = M2_a + M2_b + delta^2 n_a n_b / n``), so the
+    row is read once and the variance is as accurate as the one-block two-pass formula."""
+    row = tl.program_id(0)
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c0 in range(0, D, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        mask = cols < D
+        if MIX_AFTER_NORM:
+            r = _source_row(row, cols, mask, D, eps, X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                            SRC_SUM, HAS_RESIDUAL, False, False, False)
+        else:
+            r = _mixed_row(row, cols, mask, D, eps, N, P, K, STEP, alpha, shift_off, MIX, COLSUM,
+                           X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                           KIND, AXIS, SRC_SUM, HAS_RESIDUAL, False, False, False, BLOCK_D)
+        n_chunk = tl.minimum(D - c0, BLOCK_D).to(tl.float32)
+        chunk_mean = tl.sum(r, axis=0) / n_chunk
+        diff = tl.where(mask, r - chunk_mean, 0.0)
+        chunk_m2 = tl.sum(diff * diff, axis=0)
+        total = count + n_chunk
+        delta = chunk_mean - mean
+        mean += delta * (n_chunk / total)
+        m2 += chunk_m2 + delta * delta * (count * n_chunk / total)
+        count = total
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, 1.0 / tl.sqrt(m2 / D + eps))
+
+
 @triton.jit(do_not_specialize=["n_rows", "shift_off", "rows_per_program"])
 def mix_add_layernorm_fwd_kernel(
     X, RES, W, BIAS,            # inputs: (R, D) x, residual; (D,) weight, bias
@@ -227,38 +273,68 @@ def mix_add_layernorm_fwd_kernel(
     MIX, COLSUM,                # (K, K) fp32 mixing matrix (dense); (groups, D) fp32 column sums (optimal)
     n_rows, N, P, K, STEP, D, eps, alpha, shift_off, rows_per_program,
     KIND: tl.constexpr, AXIS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MIX_AFTER_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MIX_AFTER_NORM: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Default order: ``r = M (x + residual)``, ``y = LN(r)``.  ``MIX_AFTER_NORM``: ``r = x + residual``,
-    ``y = M LN(r)``.  Stores ``y``, ``r`` (residual_out) and the mean / rstd of the LN input ``r``."""
+    ``y = M LN(r)``.  Stores ``y``, ``r`` (residual_out) and the mean / rstd of the LN input ``r``.
+
+    A row is one block (``BLOCK_D >= D``), or, with ``HAS_STATS``, ``BLOCK_D`` columns at a time with the
+    statistics of every row already in ``MEAN`` / ``RSTD`` (:func:`ln_fwd_stats_kernel`): then no thread
+    holds a whole long row."""
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_D)
-    mask = cols < D
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for row in range(row_start, row_end):
-        off = tl.cast(row, tl.int64) * D + cols
-        if MIX_AFTER_NORM:
-            r = _source_row(row, cols, mask, D, eps, X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
-                            SRC_SUM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False)
-            mean, rstd, diff = _ln_stats(r, mask, D, eps)
-            y = _mixed_row(row, cols, mask, D, eps, N, P, K, STEP, alpha, shift_off, MIX, COLSUM,
-                           X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
-                           KIND, AXIS, SRC_NORM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False, BLOCK_D)
-        else:
-            r = _mixed_row(row, cols, mask, D, eps, N, P, K, STEP, alpha, shift_off, MIX, COLSUM,
-                           X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
-                           KIND, AXIS, SRC_SUM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False, BLOCK_D)
-            mean, rstd, diff = _ln_stats(r, mask, D, eps)
-            y = diff * rstd
-            if HAS_WEIGHT:
-                y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ROUT + off, r.to(ROUT.dtype.element_ty), mask=mask)
-        tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
+    if HAS_STATS:
+        for row in range(row_start, row_end):
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            for c0 in range(0, D, BLOCK_D):
+                cols = c0 + tl.arange(0, BLOCK_D)
+                mask = cols < D
+                off = tl.cast(row, tl.int64) * D + cols
+                if MIX_AFTER_NORM:
+                    r = _source_row(row, cols, mask, D, eps, X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                                    SRC_SUM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False)
+                    y = _mixed_row(row, cols, mask, D, eps, N, P, K, STEP, alpha, shift_off, MIX, COLSUM,
+                                   X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                                   KIND, AXIS, SRC_NORM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, True, BLOCK_D)
+                else:
+                    r = _mixed_row(row, cols, mask, D, eps, N, P, K, STEP, alpha, shift_off, MIX, COLSUM,
+                                   X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                                   KIND, AXIS, SRC_SUM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False, BLOCK_D)
+                    y = tl.where(mask, (r - mean) * rstd, 0.0)
+                    if HAS_WEIGHT:
+                        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                    if HAS_BIAS:
+                        y += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(ROUT + off, r.to(ROUT.dtype.element_ty), mask=mask)
+                tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        for row in range(row_start, row_end):
+            off = tl.cast(row, tl.int64) * D + cols
+            if MIX_AFTER_NORM:
+                r = _source_row(row, cols, mask, D, eps, X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                                SRC_SUM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False)
+                mean, rstd, diff = _ln_stats(r, mask, D, eps)
+                y = _mixed_row(row, cols, mask, D, eps, N, P, K, STEP, alpha, shift_off, MIX, COLSUM,
+                               X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                               KIND, AXIS, SRC_NORM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False, BLOCK_D)
+            else:
+                r = _mixed_row(row, cols, mask, D, eps, N, P, K, STEP, alpha, shift_off, MIX, COLSUM,
+                               X, RES, W, BIAS, X, MEAN, RSTD, MEAN,
+                               KIND, AXIS, SRC_SUM, HAS_RESIDUAL, HAS_WEIGHT, HAS_BIAS, False, BLOCK_D)
+                mean, rstd, diff = _ln_stats(r, mask, D, eps)
+                y = diff * rstd
+                if HAS_WEIGHT:
+                    y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    y += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ROUT + off, r.to(ROUT.dtype.element_ty), mask=mask)
+            tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
+            tl.store(MEAN + row, mean)
+            tl.store(RSTD + row, rstd)
 
 
 @triton.jit(do_not_specialize=["n_rows", "shift_off", "rows_per_program"])

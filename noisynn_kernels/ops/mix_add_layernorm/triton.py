@@ -9,6 +9,8 @@ Backward grids: the row pass runs enough programs to fill the GPU by occupancy (
 ``dweight`` / ``dbias`` partial, added in a fixed order); the ``optimal`` column sums split each group's
 rows over programs (fixed slices, then a fixed-order sum of the partials); rows longer than
 :data:`_BWD_MAX_BLOCK` are done in chunks, after a pass that takes the LayerNorm backward's two row sums.
+Forward: one program a row; rows longer than :data:`_FWD_MAX_BLOCK` are done in chunks after a pass that
+takes each row's mean and rstd.
 
 Launcher conventions: inputs are made contiguous here (a copy for non-contiguous inputs; the
 kernels index rows as ``row * D``), outputs are allocated here, never in kernels.  Statistics and
@@ -41,7 +43,6 @@ INTERPRETED = triton_interpreted()
 
 #: Activation dtypes the Triton kernels take (no bf16 under the interpreter).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_ROW_BYTES = 65536  # one row of D lives in one block
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,6 +98,9 @@ _ROWS_PER_SPLIT = 64
 #: Widest block of the backward: longer rows are done in chunks of this many columns (a row of up to 16K-32K
 #: elements in one block would not fit the registers of a thread block).
 _BWD_MAX_BLOCK = 4096
+#: Widest block of the forward (it keeps fewer rows live than the backward: one row of 8192 fits a
+#: 16-warp block without spilling, 16384 does not); longer rows are done in chunks after a statistics pass.
+_FWD_MAX_BLOCK = 8192
 
 
 def _group_sums(groups: int, K: int, D: int, chunks: int, device: torch.device, launch) -> Tensor:
@@ -150,31 +154,46 @@ def mix_add_layernorm_fwd(
         if n_rows == 0 or D == 0:  # nothing to launch (an empty grid is not a valid launch)
             return normed, residual_out, mean, rstd
         K, step, groups = _geometry(B, N, axis, prefix_tokens, grid_w)
-        block_d = triton.next_power_of_2(D)
+        block_d = min(triton.next_power_of_2(D), _FWD_MAX_BLOCK)
+        chunks = triton.cdiv(D, block_d)
         num_warps = _num_warps(block_d)
+        shift_off = (K - shift) % K
 
         # Placeholder pointers for unused arguments are inputs the kernel never writes (a written output
         # passed twice would look aliased to torch.compile's mutation analysis).
         colsum = x  # placeholder: read only when kind == optimal
+        mix = x  # placeholder: read only when kind == dense
+        if kind == KIND_CODES["dense"]:
+            mix = mix_matrix.to(device=x.device, dtype=torch.float32).contiguous()
+
+        def stats_pass():  # rows in chunks: the LayerNorm input's statistics first
+            wrap_triton(kernels.ln_fwd_stats_kernel)[(n_rows,)](
+                mean, rstd, x, res, w, b, mix, colsum, N, prefix_tokens, K, step, D, eps, alpha, shift_off,
+                KIND=kind, AXIS=axis, HAS_RESIDUAL=has_residual, MIX_AFTER_NORM=mix_after_norm, BLOCK_D=block_d,
+                num_warps=num_warps)
+
+        # Order of the passes: with mix_after_norm the mixed source is LN(x + residual), whose statistics the
+        # column sums need; in the default order the LayerNorm input M (x + residual) needs the column sums.
+        if chunks > 1 and mix_after_norm:
+            stats_pass()
         if kind == KIND_CODES["optimal"]:
             src = kernels.SRC_NORM.value if mix_after_norm else kernels.SRC_SUM.value
 
             def colsum_pass(part, grid, rows_per_split):
                 wrap_triton(kernels.group_sum_kernel)[grid](
-                    part, x, res, w, b, x, x, x, x, N, prefix_tokens, K, step, D, eps, rows_per_split,
+                    part, x, res, w, b, x, mean, rstd, x, N, prefix_tokens, K, step, D, eps, rows_per_split,
                     AXIS=axis, SRC=src, HAS_RES=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-                    HAS_STATS=False, BLOCK_D=block_d, num_warps=num_warps)
+                    HAS_STATS=chunks > 1 and mix_after_norm, BLOCK_D=block_d, num_warps=num_warps)
 
-            colsum = _group_sums(groups, K, D, 1, x.device, colsum_pass)
-        mix = x  # placeholder: read only when kind == dense
-        if kind == KIND_CODES["dense"]:
-            mix = mix_matrix.to(device=x.device, dtype=torch.float32).contiguous()
+            colsum = _group_sums(groups, K, D, chunks, x.device, colsum_pass)
+        if chunks > 1 and not mix_after_norm:
+            stats_pass()
 
         wrap_triton(kernels.mix_add_layernorm_fwd_kernel)[(n_rows,)](
             x, res, w, b, normed, residual_out, mean, rstd, mix, colsum,
-            n_rows, N, prefix_tokens, K, step, D, eps, alpha, (K - shift) % K, 1,
+            n_rows, N, prefix_tokens, K, step, D, eps, alpha, shift_off, 1,
             KIND=kind, AXIS=axis, HAS_RESIDUAL=has_residual, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-            MIX_AFTER_NORM=mix_after_norm, BLOCK_D=block_d, num_warps=num_warps)
+            MIX_AFTER_NORM=mix_after_norm, HAS_STATS=chunks > 1, BLOCK_D=block_d, num_warps=num_warps)
         return normed, residual_out, mean, rstd
 
 
@@ -284,9 +303,5 @@ def launch(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias
     ``(normed, residual_out)``."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise ShapeError(f"x has dtype {x.dtype}; expected one of {SUPPORTED_DTYPES}")
-    D = x.shape[-1]
-    if triton.next_power_of_2(D) * x.element_size() > _MAX_ROW_BYTES:
-        raise ShapeError(f"D = {D} is too large: a row of next_power_of_2(D) = {triton.next_power_of_2(D)} "
-                         f"{x.dtype} elements exceeds {_MAX_ROW_BYTES} bytes (one row is one block)")
     check_triton_device(x, "x", "mix_add_layernorm", INTERPRETED)
     return run_fwd(mix_add_layernorm_fwd, x, residual, weight, bias, eps, spec, mix_after_norm)
