@@ -59,7 +59,13 @@ def backend_for(op: str, device_type: str, backend: str | None = None) -> str:
 
 
 def _device_type(t) -> str:
-    return t.device.type if isinstance(t, torch.Tensor) else "cpu"
+    """``t``'s device type (``cpu`` for a non-tensor, which the op's checks then reject).  ``is_cpu`` /
+    ``is_cuda`` read a flag, where ``t.device`` builds a ``torch.device`` and ``isinstance(t, torch.Tensor)``
+    goes through the tensor metaclass: a few microseconds of every call at small shapes."""
+    try:
+        return "cpu" if t.is_cpu else "cuda" if t.is_cuda else t.device.type
+    except AttributeError:
+        return "cpu"
 
 
 def linear_transform_noise(x: torch.Tensor, kind: str = "optimal", *, axis: str = "tokens",

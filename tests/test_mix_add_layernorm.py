@@ -374,6 +374,19 @@ def test_rows_bundles(oracle, kind, grid, B, mix_after_norm):
 
 
 @backends("cpu")
+@pytest.mark.parametrize("axis,B,N,grid", [("tokens", 2, 1 + 15, None), ("tokens", 2, 1 + 16, None),
+                                           ("tokens", 3, 1 + 40, None), ("rows", 2, 1 + 16 * 3, (16, 3)),
+                                           ("rows", 2, 1 + 20 * 5, (20, 5)), ("batch", 20, 1 + 4, None)])
+@pytest.mark.parametrize("mix_after_norm", (False, True))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_dense_matrix_product(oracle, axis, B, N, grid, mix_after_norm, dtype):
+    """Groups of 16 rows or more take the dense product through ATen's BLAS (one product per task: the
+    kept source rows of a bundle of grid columns are one K x (columns * D) matrix); 15 stays in the
+    kernels' loop.  Both match the fp64 reference, forward and backward (``M^T``), in both orders."""
+    oracle.run_case(B, N, 123, 1, "dense", axis, mix_after_norm, dtype, grid=grid)
+
+
+@backends("cpu")
 @pytest.mark.parametrize("mix_after_norm", (False, True))
 def test_rows_bundle_larger_than_buffer(oracle, mix_after_norm):
     """A sample's whole grid exceeds the optimal group buffer (K * columns * D > 2**21 floats), so the

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -100,10 +101,28 @@ const Kernels& kernels() {
   return k;
 }
 
+// The dense kind's matrix product (cpu::GemmFn) through ATen's CPU mm (MKL / OpenBLAS sgemm in PyPI
+// builds), on tensors viewing the kernels' fp32 buffers.  Called inside the kernels' parallel tasks, where
+// ATen and the BLAS run single-threaded.
+void gemm_f32(bool trans_a, int64_t m, int64_t n, const float* a, const float* b, int64_t ldb, float* c,
+              int64_t ldc) {
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const Tensor A = at::from_blob(const_cast<float*>(a), {m, m}, f32);
+  const Tensor Bm = at::from_blob(const_cast<float*>(b), {m, n}, {ldb, 1}, f32);
+  Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, f32);
+  at::cpu::mm_out(C, trans_a ? A.t() : A, Bm);
+}
+
+// Groups at least this long take the dense product through the BLAS; shorter ones stay in the kernels'
+// loop (a K x K product that small gains nothing from blocking, and each call costs a few tensor views).
+constexpr int64_t kGemmMinK = 16;
+
 cpu::MixGeometry geometry(int64_t B, int64_t N, int64_t D, int64_t P, int64_t grid_w, int64_t kind, int64_t axis,
                           double alpha, int64_t shift, const Tensor& M) {
+  const bool blas = kind == KIND_DENSE && M.defined() && M.size(0) >= kGemmMinK;
   return cpu::MixGeometry{B, N, D, P, grid_w, kind, axis, static_cast<float>(alpha),
-                          M.defined() ? M.const_data_ptr<float>() : nullptr, kind == KIND_SHIFT && shift < 0};
+                          M.defined() ? M.const_data_ptr<float>() : nullptr, kind == KIND_SHIFT && shift < 0,
+                          blas ? &gemm_f32 : nullptr};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_cpu(

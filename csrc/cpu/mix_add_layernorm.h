@@ -24,15 +24,23 @@
 namespace noisynn {
 namespace cpu {
 
+// C (m x n) = op(A) @ B for fp32 row-major blocks: A is m x m (square, row stride m; op(A) = A^T when
+// trans_a), B and C are m x n with row strides ldb, ldc.  The dense kind's matrix product: the op passes
+// ATen's own (the BLAS PyTorch was built with), so the kernels stay free of ATen tensor code.
+using GemmFn = void (*)(bool trans_a, int64_t m, int64_t n, const float* a, const float* b, int64_t ldb, float* c,
+                        int64_t ldc);
+
 // What is mixed and how: (B, N, D) tokens, P prefix tokens, grid_w (axis rows), kind / axis codes,
-// alpha (shift), the K x K fp32 mixing matrix (dense; else nullptr) and `reverse`: a shift of
+// alpha (shift), the K x K fp32 mixing matrix (dense; else nullptr), `reverse`: a shift of
 // direction -1 (row i reads row i+1), whose M is the transpose of the +1 shift's, so the kernels run
-// the transposed mix forward and the plain one backward (set for the shift kind only).
+// the transposed mix forward and the plain one backward (set for the shift kind only), and `gemm`: the
+// dense kind's matrix product (nullptr: the kernels' own O(K^2 D) loop).
 struct MixGeometry {
   int64_t B, N, D, P, grid_w, kind, axis;
   float alpha;
   const float* mix;
   bool reverse;
+  GemmFn gemm;
 };
 
 // Forward.  x, res (nullptr: none): (B * N, D) of `dtype`; w, b: (D,) fp32 or nullptr.  Writes

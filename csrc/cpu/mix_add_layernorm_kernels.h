@@ -17,7 +17,8 @@
 // order (mix_bundle).
 //   shift    streams the group keeping one partner row (and, transposed, s_0 for the last row; O(K D));
 //   optimal  one column sum per group, then the rows (O(K D));
-//   dense    loops over the K x K matrix (O(K^2 D)).
+//   dense    one matrix product of the kept rows through the op's BLAS (MixGeometry::gemm), or, without
+//            it, a loop over the K x K matrix (O(K^2 D) either way).
 // Backward applies M^T (shift partner i + 1, optimal is symmetric, dense the transposed matrix).
 // All arithmetic is fp32; outputs are stored in their tensor's dtype.  dweight / dbias are fp32
 // per-thread partials reduced by the caller.
@@ -297,8 +298,9 @@ inline float add_store_row_mean(const T* __restrict__ a, const T* __restrict__ b
 struct Geometry {
   int64_t B, N, D, P, K, step, groups;
   int64_t axis;
+  GemmFn gemm;  // dense: the matrix product of a task's kept rows (nullptr: the O(K^2 D) loop)
 
-  explicit Geometry(const MixGeometry& m) : B(m.B), N(m.N), D(m.D), P(m.P), axis(m.axis) {
+  explicit Geometry(const MixGeometry& m) : B(m.B), N(m.N), D(m.D), P(m.P), axis(m.axis), gemm(m.gemm) {
     const int64_t n = N - P;
     if (axis == AXIS_TOKENS) {
       K = n, step = 1, groups = B;
@@ -348,9 +350,10 @@ class WorkBuffer {
 // Rows of D values per task of the unmixed rows.
 inline int64_t unmixed_grain(int64_t D) { return std::max<int64_t>(1, kGrainSize / (4 * D)); }
 
-// Work buffer of one mix_bundle task over nb groups, in floats.
-inline int64_t bundle_work_floats(int64_t D, int64_t K, int64_t nb, bool keep) {
-  return D + 4 * nb * D + (keep ? K * nb * D : 0);
+// Work buffer of one mix_bundle task over nb groups, in floats (a dense product through `gemm` also
+// keeps its K * nb output rows).
+inline int64_t bundle_work_floats(int64_t D, int64_t K, int64_t nb, bool keep, bool gemm) {
+  return D + 4 * nb * D + (keep ? K * nb * D : 0) + (gemm ? K * nb * D : 0);
 }
 
 // Mixes the nb groups g0 .. g0 + nb - 1 (nb > 1 only for axis rows: consecutive columns of one
@@ -358,8 +361,8 @@ inline int64_t bundle_work_floats(int64_t D, int64_t K, int64_t nb, bool keep) {
 // position i outer and group inner, so the hardware prefetchers see streams, not rows `step` apart.
 // src(row, out, first, scratch) writes the fp32 source row (`first` is true exactly once per row: side
 // outputs happen then); sink(row, v, scratch) consumes the mixed row and may overwrite v.  `work`
-// holds bundle_work_floats(D, K, nb, keep) floats: scratch, then four nb * D buffers, then, when
-// `keep`, the K * nb source rows.
+// holds bundle_work_floats(D, K, nb, keep, gemm) floats: scratch, then four nb * D buffers, then, when
+// `keep`, the K * nb source rows, then, for a dense product through G.gemm, its K * nb output rows.
 template <typename Src, typename Sink>
 inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, float alpha, const float* mix,
                        bool transpose, bool keep, float* work, Src& src, Sink& sink) {
@@ -372,6 +375,7 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
   float* C = Bf + nb * D;  // transposed shift: s_0; optimal: the column sum
   float* E = C + nb * D;   // optimal: the Kahan compensation; transposed shift: the output row (first D)
   float* S = E + nb * D;   // keep: source row (i, c) at S + (i * nb + c) * D
+  float* Y = S + K * nb * D;  // dense through G.gemm: output row (i, c) at Y + (i * nb + c) * D
   auto row = [&](int64_t c, int64_t i) { return G.row(g0 + c, i); };
   if (kind == KIND_SHIFT && !transpose) {
     // y_i = (1 - a) s_i + a s_{i-1}, s_{-1} = s_{K-1}: stream the groups keeping one partner row each
@@ -447,6 +451,14 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
         sink(row(c, i), A, scratch);
       }
     }
+  } else if (G.gemm != nullptr) {  // dense as one matrix product: Y (K x nb D) = M S (M^T when transposed)
+    for (int64_t j = 0; j < K; ++j) {
+      for (int64_t c = 0; c < nb; ++c) src(row(c, j), S + (j * nb + c) * D, true, scratch);
+    }
+    G.gemm(transpose, K, nb * D, mix, S, nb * D, Y, nb * D);
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t c = 0; c < nb; ++c) sink(row(c, i), Y + (i * nb + c) * D, scratch);
+    }
   } else {  // dense: y_i = sum_j M[i, j] s_j (M^T when transposed); keep is always on
     for (int64_t j = 0; j < K; ++j) {
       for (int64_t c = 0; c < nb; ++c) src(row(c, j), S + (j * nb + c) * D, true, scratch);
@@ -508,7 +520,7 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
   const int64_t per_sample = (G.step + nb - 1) / nb;  // bundles per `step` consecutive groups
   const int64_t n_tasks = (G.groups / G.step) * per_sample;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    const WorkBuffer work(bundle_work_floats(D, K, nb, keep));
+    const WorkBuffer work(bundle_work_floats(D, K, nb, keep, kind == KIND_DENSE && G.gemm != nullptr));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = (t % per_sample) * nb;
       const int64_t g0 = (t / per_sample) * G.step + c0;

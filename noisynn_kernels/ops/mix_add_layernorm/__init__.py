@@ -56,30 +56,42 @@ def launch_reference(x: Tensor, residual: Tensor | None, weight: Tensor | None, 
                                            shift=cfg.shift)
 
 
+#: Backend modules imported so far (see :func:`_backend`).
+_IMPORTED: dict = {}
+
+
+def _backend(name: str):
+    """Backend module ``name`` (``triton`` or ``cpp``), imported on first use and then kept: importing
+    it costs Triton, or the C++ op's registrations (about 0.1 s); a ``from .x import y`` in every call
+    would still cost about 10 us per call.  The literal imports keep it traceable by torch.compile."""
+    mod = _IMPORTED.get(name)
+    if mod is None:
+        if name == "triton":
+            from . import triton as mod
+        else:
+            from . import cpp as mod
+        _IMPORTED[name] = mod
+    return mod
+
+
 def launch_triton(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
                   eps: float, spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``triton`` backend (:func:`.triton.launch`); Triton is imported on first use, so that
     ``TRITON_INTERPRET`` can still be chosen before then."""
-    from .triton import launch
-
-    return launch(x, residual, weight, bias, eps, spec, mix_after_norm)
+    return _backend("triton").launch(x, residual, weight, bias, eps, spec, mix_after_norm)
 
 
 def launch_cpu(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
                spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``cpu`` backend (:func:`.cpp.launch_cpu`); the C++ op's fake and autograd are registered on
     first use (about 0.1 s, kept out of ``import noisynn_kernels``)."""
-    from .cpp import launch_cpu
-
-    return launch_cpu(x, residual, weight, bias, eps, spec, mix_after_norm)
+    return _backend("cpp").launch_cpu(x, residual, weight, bias, eps, spec, mix_after_norm)
 
 
 def launch_cuda(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
                 spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``cuda`` backend (:func:`.cpp.launch_cuda`), imported on first use as the ``cpu`` one."""
-    from .cpp import launch_cuda
-
-    return launch_cuda(x, residual, weight, bias, eps, spec, mix_after_norm)
+    return _backend("cpp").launch_cuda(x, residual, weight, bias, eps, spec, mix_after_norm)
 
 
 #: Backend name -> launcher.  Which backends can run here: :func:`noisynn_kernels.backend_info`.
