@@ -799,3 +799,42 @@ def test_snp_bad_tensor():
         F.salt_and_pepper_noise(torch.randn(2, 3, 4), 0.1, prefix_tokens=3)
     with pytest.raises(ConfigError):
         F.salt_and_pepper_noise(torch.randn(2, 3, 4, 4), 0.1, prefix_tokens=1)
+
+
+def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):
+    """A call with the metadata of an earlier good call (shapes, dtypes, devices, argument types and values,
+    the same config object) reuses its checked spec; anything else is checked again, so bad arguments still
+    raise after good ones, and a new config object with equal fields is checked on its own."""
+    from noisynn_kernels import NoiseConfig
+    from noisynn_kernels import _validate
+
+    calls = []
+    real = _validate._check_mix_add_layernorm
+    monkeypatch.setattr(_validate, "_check_mix_add_layernorm", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(_validate, "_CHECKED", {})
+    x, r = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    w, b = torch.randn(8), torch.randn(8)
+    cfg = NoiseConfig(kind="shift", axis="tokens")
+    ref = F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1, backend="reference")
+    again = F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1, backend="reference")
+    assert len(calls) == 1
+    for one, two in zip(ref, again):
+        assert torch.equal(one, two)
+    F.mix_add_layernorm(x, r, w, b, mix=NoiseConfig(kind="shift", axis="tokens"), prefix_tokens=1,
+                        backend="reference")
+    assert len(calls) == 2  # an equal config, another object
+    with pytest.raises(ConfigError, match="prefix_tokens"):
+        F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=True, backend="reference")  # True == 1, not an int
+    with pytest.raises(ConfigError, match="mix_after_norm"):
+        F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1, mix_after_norm=0, backend="reference")
+    with pytest.raises(ShapeError, match="bias has shape"):
+        F.mix_add_layernorm(x, r, w, torch.randn(7), mix=cfg, prefix_tokens=1, backend="reference")
+    with pytest.raises(ShapeError, match="residual has dtype"):
+        F.mix_add_layernorm(x, r.double(), w, b, mix=cfg, prefix_tokens=1, backend="reference")
+    with pytest.raises(ConfigError, match="grid"):
+        F.mix_add_layernorm(x, r, w, b, mix=NoiseConfig(kind="shift", axis="rows"), prefix_tokens=1, grid=(2, True),
+                            backend="reference")
+    n_failed = len(calls)
+    with pytest.raises(ConfigError, match="prefix_tokens"):  # a failed check is never kept
+        F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=True, backend="reference")
+    assert len(calls) == n_failed + 1
