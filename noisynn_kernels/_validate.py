@@ -188,12 +188,23 @@ def _meta(t):
     return None if t is None else (type(t), t.shape, t.dtype, t.device)
 
 
+def _cacheable(residual, weight, bias, eps, prefix_tokens, grid, mix_after_norm) -> bool:
+    """Whether a call's arguments can key the check cache: plain tensors or ``None``, plain numbers and a
+    grid of plain ints (anything else, e.g. a 0-d tensor that could change in place, is checked each call,
+    and gets the checks' own error)."""
+    for t in (residual, weight, bias):
+        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return False
+    return (type(eps) in (float, int) and type(prefix_tokens) is int and type(mix_after_norm) is bool
+            and (grid is None or (type(grid) is tuple and all(type(g) is int for g in grid))))
+
+
 # Checked calls of mix_add_layernorm, keyed by everything the checks read: the arguments' types, the
 # tensors' shapes, dtypes and devices, and the config object's identity (NoiseConfig is frozen; the entry
 # keeps the object, so its id cannot be reused while the entry lives).  A layer calls with the same
 # metadata every step, so its checks run once and later calls cost one key (about 2 us against 10-15 us
-# of checks).  Failed checks are never kept; the table is bounded; traced calls (torch.compile) and
-# tensor subclasses always run the checks.
+# of checks).  Failed checks are never kept; the table is bounded (it keeps at most 512 configs alive);
+# traced calls (torch.compile), tensor subclasses and arguments of other types always run the checks.
 _CHECKED: dict = {}
 _CHECKED_MAX = 512
 
@@ -202,11 +213,10 @@ def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, 
     """The backend-independent checks of :func:`noisynn_kernels.mix_add_layernorm`, done once per call
     (once per argument metadata: see ``_CHECKED``)."""
     key = None
-    if (type(x) is torch.Tensor and (mix is None or type(mix) is NoiseConfig) and (grid is None or type(grid) is tuple)
-            and not torch.compiler.is_compiling()):
+    if (type(x) is torch.Tensor and (mix is None or type(mix) is NoiseConfig) and not torch.compiler.is_compiling()
+            and _cacheable(residual, weight, bias, eps, prefix_tokens, grid, mix_after_norm)):
         key = (x.shape, x.dtype, x.device, _meta(residual), _meta(weight), _meta(bias), type(eps), eps, id(mix),
-               type(prefix_tokens), prefix_tokens, grid, None if grid is None else tuple(map(type, grid)),
-               type(mix_after_norm), mix_after_norm)
+               prefix_tokens, grid, mix_after_norm)
         hit = _CHECKED.get(key)
         if hit is not None and hit[0] is mix:
             return hit[1]

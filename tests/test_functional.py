@@ -805,8 +805,7 @@ def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):
     """A call with the metadata of an earlier good call (shapes, dtypes, devices, argument types and values,
     the same config object) reuses its checked spec; anything else is checked again, so bad arguments still
     raise after good ones, and a new config object with equal fields is checked on its own."""
-    from noisynn_kernels import NoiseConfig
-    from noisynn_kernels import _validate
+    from noisynn_kernels import NoiseConfig, _validate
 
     calls = []
     real = _validate._check_mix_add_layernorm
@@ -834,6 +833,10 @@ def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):
     with pytest.raises(ConfigError, match="grid"):
         F.mix_add_layernorm(x, r, w, b, mix=NoiseConfig(kind="shift", axis="rows"), prefix_tokens=1, grid=(2, True),
                             backend="reference")
+    with pytest.raises(ShapeError, match="weight must be a torch.Tensor"):  # not cacheable: the checks' own error
+        F.mix_add_layernorm(x, r, [1.0] * 8, b, mix=cfg, prefix_tokens=1, backend="reference")
+    with pytest.raises(ConfigError, match="eps"):
+        F.mix_add_layernorm(x, r, w, b, [1e-6], mix=cfg, prefix_tokens=1, backend="reference")
     n_failed = len(calls)
     with pytest.raises(ConfigError, match="prefix_tokens"):  # a failed check is never kept
         F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=True, backend="reference")

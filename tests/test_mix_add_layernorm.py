@@ -344,14 +344,15 @@ def test_work_buffers_carry_nothing_between_calls(oracle, backend, kind, axis):
 
 @backends("cpu")
 @pytest.mark.parametrize("kind", MIXING)
-@pytest.mark.parametrize("grid", ((1, 8), (7, 3), (4, 5)))
+@pytest.mark.parametrize("grid", ((1, 8), (7, 3), (4, 5), (16, 3), (20, 5)))
 @pytest.mark.parametrize("B", (2, 4))
 @pytest.mark.parametrize("mix_after_norm", (False, True))
 def test_rows_bundles(oracle, kind, grid, B, mix_after_norm):
     """Axis rows mixes several grid columns per task: all of a sample's when that still gives 4 tasks
     per thread, else fewer.  With B = 4 one thread takes whole samples and two threads split them
     (a partial last bundle for 3 and 5 columns); with B = 2 one thread splits them and two threads go
-    down to one or two columns per task.  Grid heights 1 (the identity), odd and even.  The oracle
+    down to one or two columns per task.  Grid heights 1 (the identity), odd and even, 16 and 20 (dense
+    through the BLAS, one product per grid column).  The oracle
     holds for every bundling, and each row's arithmetic does not depend on it: outputs and dx are
     bitwise the same for 1 and 2 threads."""
     N = 1 + grid[0] * grid[1]

@@ -102,15 +102,18 @@ const Kernels& kernels() {
 }
 
 // The dense kind's matrix product (cpu::GemmFn) through ATen's CPU mm (MKL / OpenBLAS sgemm in PyPI
-// builds), on tensors viewing the kernels' fp32 buffers.  Called inside the kernels' parallel tasks, where
-// ATen and the BLAS run single-threaded.
+// builds; oneDNN at reduced precision only if the user set torch.backends.mkldnn.matmul.fp32_precision,
+// as for every fp32 matmul of the process), on tensors viewing the kernels' fp32 buffers (a transposed A
+// by its strides: no view op).  Called inside the kernels' parallel tasks, where ATen's parallel_for and
+// the BLAS run single-threaded.
 void gemm_f32(bool trans_a, int64_t m, int64_t n, const float* a, const float* b, int64_t ldb, float* c,
               int64_t ldc) {
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  const Tensor A = at::from_blob(const_cast<float*>(a), {m, m}, f32);
+  const Tensor A = trans_a ? at::from_blob(const_cast<float*>(a), {m, m}, {1, m}, f32)
+                           : at::from_blob(const_cast<float*>(a), {m, m}, {m, 1}, f32);
   const Tensor Bm = at::from_blob(const_cast<float*>(b), {m, n}, {ldb, 1}, f32);
   Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, f32);
-  at::cpu::mm_out(C, trans_a ? A.t() : A, Bm);
+  at::cpu::mm_out(C, A, Bm);
 }
 
 // Groups at least this long take the dense product through the BLAS; shorter ones stay in the kernels'

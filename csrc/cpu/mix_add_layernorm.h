@@ -25,7 +25,7 @@ namespace noisynn {
 namespace cpu {
 
 // C (m x n) = op(A) @ B for fp32 row-major blocks: A is m x m (square, row stride m; op(A) = A^T when
-// trans_a), B and C are m x n with row strides ldb, ldc.  The dense kind's matrix product: the op passes
+// trans_a), B and C are m x n with row strides ldb, ldc.  Called from the kernels' parallel tasks.  The dense kind's matrix product: the op passes
 // ATen's own (the BLAS PyTorch was built with), so the kernels stay free of ATen tensor code.
 using GemmFn = void (*)(bool trans_a, int64_t m, int64_t n, const float* a, const float* b, int64_t ldb, float* c,
                         int64_t ldc);

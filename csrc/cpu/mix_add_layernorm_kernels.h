@@ -451,11 +451,13 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
         sink(row(c, i), A, scratch);
       }
     }
-  } else if (G.gemm != nullptr) {  // dense as one matrix product: Y (K x nb D) = M S (M^T when transposed)
+  } else if (G.gemm != nullptr) {  // dense as matrix products: group c's Y_c (K x D) = M S_c (M^T transposed)
     for (int64_t j = 0; j < K; ++j) {
       for (int64_t c = 0; c < nb; ++c) src(row(c, j), S + (j * nb + c) * D, true, scratch);
     }
-    G.gemm(transpose, K, nb * D, mix, S, nb * D, Y, nb * D);
+    // one (K, D) product per group whatever the bundle (which depends on the thread count), so a row's
+    // result does not depend on the thread count either
+    for (int64_t c = 0; c < nb; ++c) G.gemm(transpose, K, D, mix, S + c * D, nb * D, Y + c * D, nb * D);
     for (int64_t i = 0; i < K; ++i) {
       for (int64_t c = 0; c < nb; ++c) sink(row(c, i), Y + (i * nb + c) * D, scratch);
     }
@@ -506,6 +508,9 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
     unmixed(G.B * P, [P, N](int64_t t) { return (t / P) * N + t % P; });
   }
   const bool kept_kind = kind == KIND_DENSE || kind == KIND_OPTIMAL;
+  const bool dense_gemm = kind == KIND_DENSE && G.gemm != nullptr;
+  // kept rows per group and column: the source rows, and for a dense product its output rows too
+  const int64_t kept_rows = dense_gemm ? 2 * K : K;
   // nb: groups per task.  Only axis rows has interleaved groups (step > 1); halve the bundle while it
   // gives fewer than kTasksPerThread tasks per thread (a few tasks per thread keep the static split of
   // parallel_for balanced) or its kept rows exceed the buffer limit.
@@ -513,14 +518,14 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
   int64_t nb = G.step;
   const int64_t min_tasks = kTasksPerThread * at::get_num_threads();
   while (nb > 1 && ((G.groups / G.step) * ((G.step + nb - 1) / nb) < min_tasks ||
-                    (kept_kind && K * nb * D > kMaxGroupBufferFloats))) {
+                    (kept_kind && kept_rows * nb * D > kMaxGroupBufferFloats))) {
     nb = (nb + 1) / 2;
   }
   const bool keep = kind == KIND_DENSE || (kind == KIND_OPTIMAL && K * nb * D <= kMaxGroupBufferFloats);
   const int64_t per_sample = (G.step + nb - 1) / nb;  // bundles per `step` consecutive groups
   const int64_t n_tasks = (G.groups / G.step) * per_sample;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    const WorkBuffer work(bundle_work_floats(D, K, nb, keep, kind == KIND_DENSE && G.gemm != nullptr));
+    const WorkBuffer work(bundle_work_floats(D, K, nb, keep, dense_gemm));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = (t % per_sample) * nb;
       const int64_t g0 = (t / per_sample) * G.step + c0;
