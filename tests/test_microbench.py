@@ -69,6 +69,8 @@ def _fail_message(what: str, ratios: list[float], threshold: float) -> str:
 
 
 CASES = [(k, a, m) for m in ("forward", "forward+backward") for k in ("optimal", "shift") for a in ("tokens", "rows")]
+# dense: a real k x k product (k = 196 tokens), through the BLAS in the C++ op, against the eager dense path
+CASES += [("dense", "tokens", m) for m in ("forward", "forward+backward")]
 
 
 @pytest.mark.parametrize("kind,axis,mode", CASES, ids=["/".join(c) for c in CASES])
