@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -200,11 +201,12 @@ def _cacheable(residual, weight, bias, eps, prefix_tokens, grid, mix_after_norm)
 
 
 # Checked calls of mix_add_layernorm, keyed by everything the checks read: the arguments' types, the
-# tensors' shapes, dtypes and devices, and the config object's identity (NoiseConfig is frozen; the entry
-# keeps the object, so its id cannot be reused while the entry lives).  A layer calls with the same
-# metadata every step, so its checks run once and later calls cost one key (about 2 us against 10-15 us
-# of checks).  Failed checks are never kept; the table is bounded (it keeps at most 512 configs alive);
-# traced calls (torch.compile), tensor subclasses and arguments of other types always run the checks.
+# tensors' shapes, dtypes and devices, and the config object's identity (NoiseConfig is frozen).  An entry
+# holds a weak reference to the config, never the config (a deleted config, with its dense matrix and
+# the device copy cached for it, must go), and a hit needs that reference to still be the object passed.
+# A layer calls with the same metadata every step, so its checks run once and later calls cost one key
+# (about 2 us against 10-15 us of checks).  Failed checks are never kept; the table is bounded; traced
+# calls (torch.compile), tensor subclasses and arguments of other types always run the checks.
 _CHECKED: dict = {}
 _CHECKED_MAX = 512
 
@@ -218,13 +220,14 @@ def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, 
         key = (x.shape, x.dtype, x.device, _meta(residual), _meta(weight), _meta(bias), type(eps), eps, id(mix),
                prefix_tokens, grid, mix_after_norm)
         hit = _CHECKED.get(key)
-        if hit is not None and hit[0] is mix:
-            return hit[1]
+        if hit is not None and (mix is None if hit[0] is None else hit[0]() is mix):
+            return MixSpec(_IDENTITY if mix is None else mix, *hit[1:])
     spec = _check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
     if key is not None:
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()
-        _CHECKED[key] = (mix, spec)
+        # spec.cfg is mix itself (or the identity config for mix=None): the hit rebuilds the spec from it
+        _CHECKED[key] = (None if mix is None else weakref.ref(mix), spec.prefix_tokens, spec.grid, spec.k)
     return spec
 
 

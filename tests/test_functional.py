@@ -841,3 +841,16 @@ def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):
     with pytest.raises(ConfigError, match="prefix_tokens"):  # a failed check is never kept
         F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=True, backend="reference")
     assert len(calls) == n_failed + 1
+
+    import gc
+    import weakref
+
+    calls.clear()  # (the spy above keeps its calls' arguments)
+    gone = NoiseConfig(kind="optimal", axis="tokens")
+    F.mix_add_layernorm(x, r, w, b, mix=gone, prefix_tokens=1, backend="reference")
+    assert len(_validate._CHECKED) > 0
+    ref = weakref.ref(gone)
+    calls.clear()
+    del gone
+    gc.collect()
+    assert ref() is None  # the cache does not keep a config alive
