@@ -356,6 +356,20 @@ inline int64_t bundle_work_floats(int64_t D, int64_t K, int64_t nb, bool keep, b
   return D + 4 * nb * D + (keep ? K * nb * D : 0) + (gemm ? K * nb * D : 0);
 }
 
+// optimal: the column sum of a group adds blocks of this many rows, then adds the blocks up with Kahan
+// compensation (kahan_add), which keeps the fp32 rounding error low for long groups.
+constexpr int64_t kColumnSumBlock = 16;
+
+// sum[e] += blk[e] for n values, Kahan-compensated (comp: the lost low bits).
+inline void kahan_add(const float* __restrict__ blk, float* __restrict__ sum, float* __restrict__ comp, int64_t n) {
+  for (int64_t e = 0; e < n; ++e) {
+    const float y = blk[e] - comp[e];
+    const float t = sum[e] + y;
+    comp[e] = (t - sum[e]) - y;
+    sum[e] = t;
+  }
+}
+
 // Mixes the nb groups g0 .. g0 + nb - 1 (nb > 1 only for axis rows: consecutive columns of one
 // sample's grid, whose rows interleave in memory).  Rows are visited in ascending memory order,
 // position i outer and group inner, so the hardware prefetchers see streams, not rows `step` apart.
@@ -413,15 +427,13 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
       sink(row(c, K - 1), out, scratch);
     }
   } else if (kind == KIND_OPTIMAL) {
-    // M s_i = (s_i + sum_j s_j) / (K + 1); M is symmetric, so the transposed mix is the same.
-    // A two-level sum (blocks of kSumBlock rows, Kahan-compensated across blocks) keeps the fp32
-    // rounding error low for long groups.
-    constexpr int64_t kSumBlock = 16;
+    // M s_i = (s_i + sum_j s_j) / (K + 1); M is symmetric, so the transposed mix is the same.  The
+    // column sum is two-level (kColumnSumBlock, kahan_add).
     std::fill(C, C + nb * D, 0.0f);
     std::fill(E, E + nb * D, 0.0f);
-    for (int64_t i0 = 0; i0 < K; i0 += kSumBlock) {
+    for (int64_t i0 = 0; i0 < K; i0 += kColumnSumBlock) {
       std::fill(A, A + nb * D, 0.0f);
-      for (int64_t i = i0; i < std::min(K, i0 + kSumBlock); ++i) {
+      for (int64_t i = i0; i < std::min(K, i0 + kColumnSumBlock); ++i) {
         for (int64_t c = 0; c < nb; ++c) {
           float* si = keep ? S + (i * nb + c) * D : Bf;
           src(row(c, i), si, true, scratch);
@@ -430,12 +442,7 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
                   [&](int64_t d) { blk[d] += si[d]; });
         }
       }
-      for (int64_t e = 0; e < nb * D; ++e) {  // comp (E): the lost low bits
-        const float y = A[e] - E[e];
-        const float t = C[e] + y;
-        E[e] = (t - C[e]) - y;
-        C[e] = t;
-      }
+      kahan_add(A, C, E, nb * D);
     }
     const float inv = 1.0f / static_cast<float>(K + 1);
     for (int64_t i = 0; i < K; ++i) {
@@ -481,16 +488,13 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
   }
 }
 
-// Runs src -> (mix) -> sink over every row: unmixed rows (identity, prefix tokens) in blocks of rows,
-// mixed rows one bundle of groups per task.  Axis rows bundles consecutive grid columns of a sample
-// (all of them when that leaves kTasksPerThread tasks per thread and the kept rows fit the buffer
-// limit; fewer otherwise); the other axes mix one group per task.
+// The rows that are never mixed (every row for identity, else the prefix tokens): src -> sink in blocks
+// of rows.
 template <typename Src, typename Sink>
-void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bool transpose, Src& src, Sink& sink) {
-  const int64_t D = G.D, K = G.K;
-  const int64_t row_grain = unmixed_grain(D);
+void run_unmixed(const Geometry& G, int64_t kind, Src& src, Sink& sink) {
+  const int64_t D = G.D;
   auto unmixed = [&](int64_t n_rows, auto row_of) {
-    at::parallel_for(0, n_rows, row_grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_rows, unmixed_grain(D), [&](int64_t begin, int64_t end) {
       const WorkBuffer buf(2 * D);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t row = row_of(t);
@@ -501,12 +505,20 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
   };
   if (kind == KIND_IDENTITY) {
     unmixed(G.B * G.N, [](int64_t t) { return t; });
-    return;
-  }
-  if (G.P > 0) {
+  } else if (G.P > 0) {
     const int64_t P = G.P, N = G.N;
     unmixed(G.B * P, [P, N](int64_t t) { return (t / P) * N + t % P; });
   }
+}
+
+// The mixed rows, one bundle of groups per task: bundle(g0, nb, keep, work) mixes groups g0 .. g0 + nb - 1
+// with `work` holding bundle_work_floats(D, K, nb, keep, dense through G.gemm) floats (mix_bundle, or a
+// fused forward of the same layout).  Axis rows bundles consecutive grid columns of a sample (all of
+// them when that leaves kTasksPerThread tasks per thread and the kept rows fit the buffer limit; fewer
+// otherwise); the other axes mix one group per task.
+template <typename Bundle>
+void run_mixed(const Geometry& G, int64_t kind, Bundle&& bundle) {
+  const int64_t D = G.D, K = G.K;
   const bool kept_kind = kind == KIND_DENSE || kind == KIND_OPTIMAL;
   const bool dense_gemm = kind == KIND_DENSE && G.gemm != nullptr;
   // kept rows per group and column: the source rows, and for a dense product its output rows too
@@ -529,13 +541,181 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = (t % per_sample) * nb;
       const int64_t g0 = (t / per_sample) * G.step + c0;
-      mix_bundle(G, g0, std::min(nb, G.step - c0), kind, alpha, mix, transpose, keep, work.data(), src, sink);
+      bundle(g0, std::min(nb, G.step - c0), keep, work.data());
     }
+  });
+}
+
+// Runs src -> (mix) -> sink over every row: run_unmixed, then mix_bundle over run_mixed's bundles.
+template <typename Src, typename Sink>
+void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bool transpose, Src& src, Sink& sink) {
+  run_unmixed(G, kind, src, sink);
+  if (kind == KIND_IDENTITY) return;
+  run_mixed(G, kind, [&](int64_t g0, int64_t nb, bool keep, float* work) {
+    mix_bundle(G, g0, nb, kind, alpha, mix, transpose, keep, work, src, sink);
   });
 }
 
 // ------------------------------------------------------------------------------------------------
 // forward
+
+// y = f(d) (8 values: vec(d, y); one value: one(d)) written to v (fp32) and, with kOut, to out (its
+// dtype); returns row_mean(y) with the additions of store_row_mean.  vec(0, y) / one(0) runs once more
+// first, for the centre y[0]: it must give the same value again and may only repeat side effects.
+template <bool kOut, typename T, typename Vec, typename One>
+inline float map_store_row_mean(int64_t D, float* v, T* out, Vec&& vec, One&& one) {
+  float c;
+  if (D >= W) {
+    F8 y;
+    vec(int64_t(0), y);
+    c = y[0];
+  } else {
+    c = one(int64_t(0));
+  }
+  const float sum = row_reduce(
+      D,
+      [&](int64_t d, F8& acc) {
+        F8 y;
+        vec(d, y);
+        store8(v + d, y);
+        if constexpr (kOut) store8_t(out + d, y);
+        acc += y - c;
+      },
+      [&](int64_t d) {
+        const float y = one(d);
+        v[d] = y;
+        if constexpr (kOut) out[d] = static_cast<T>(y);
+        return y - c;
+      });
+  return c + sum / static_cast<float>(D);
+}
+
+// The forward's pointers (FwdArgs, typed).
+template <typename T>
+struct FwdRows {
+  const T* x;
+  const T* res;  // nullptr: no residual
+  const float* w;
+  const float* b;
+  float eps;
+  T* normed;
+  T* rout;
+  float* mean;
+  float* rstd;
+};
+
+// The default-order forward (residual_out = M s, normed = LN(residual_out)) of kind shift (not reversed)
+// and of optimal with kept rows: mix_bundle's arithmetic, in the same order (so the same results),
+// with fewer passes over each row.  The add s = x + residual is one pass with the shift partner's update
+// or optimal's block sum; the mix, the store of residual_out and the mean are one pass, into
+// residual_out's own row for fp32 (no buffer; else the fp32 scratch row); then rstd and the normalized
+// store, as for identity.  `work`: mix_bundle's layout.
+template <bool kRes, typename T>
+void fwd_mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, float alpha, const FwdRows<T>& R,
+                    float* work) {
+  const int64_t D = G.D, K = G.K;
+  float* scratch = work;
+  float* A = work + D;  // shift: partner / current row, alternating with Bf; optimal: the block sums
+  float* Bf = A + nb * D;
+  float* C = Bf + nb * D;  // optimal: the column sums
+  float* E = C + nb * D;   // optimal: their Kahan compensation
+  float* S = E + nb * D;   // optimal: source row (i, c) at S + (i * nb + c) * D
+  auto row = [&](int64_t c, int64_t i) { return G.row(g0 + c, i); };
+  // s = x + residual at `row`, 8 values / one value
+  auto add8 = [&](int64_t r, int64_t d, F8& s) {
+    load8_f(R.x + r * D + d, s);
+    if constexpr (kRes) {
+      F8 t;
+      load8_f(R.res + r * D + d, t);
+      s += t;
+    }
+  };
+  auto add1 = [&](int64_t r, int64_t d) {
+    float s = static_cast<float>(R.x[r * D + d]);
+    if constexpr (kRes) s += static_cast<float>(R.res[r * D + d]);
+    return s;
+  };
+  // residual_out = y (vec / one), then the LayerNorm of y
+  auto emit = [&](int64_t r, auto&& vec, auto&& one) {
+    T* o = R.rout + r * D;
+    float* v;
+    float mu;
+    if constexpr (std::is_same_v<T, float>) {
+      v = o;
+      mu = map_store_row_mean<false>(D, v, o, vec, one);
+    } else {
+      v = scratch;
+      mu = map_store_row_mean<true>(D, v, o, vec, one);
+    }
+    const float rs = row_rstd(v, mu, D, R.eps);
+    R.mean[r] = mu;
+    R.rstd[r] = rs;
+    normalize_store(v, mu, rs, R.w, R.b, R.normed + r * D, D);
+  };
+  if (kind == KIND_SHIFT) {
+    // y_i = (1 - a) s_i + a s_{i-1}, s_{-1} = s_{K-1}
+    const float cc = 1.0f - alpha;
+    for (int64_t c = 0; c < nb; ++c) {
+      const int64_t r = row(c, K - 1);
+      float* p = A + c * D;
+      row_map(D, [&](int64_t d) { F8 s; add8(r, d, s); store8(p + d, s); }, [&](int64_t d) { p[d] = add1(r, d); });
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t c = 0; c < nb; ++c) {
+        const float* prev = (i & 1) ? Bf + c * D : A + c * D;  // buffers alternate: s_i is the next
+        float* cur = (i & 1) ? A + c * D : Bf + c * D;         // row's partner
+        const int64_t r = row(c, i);
+        emit(r,
+             [&](int64_t d, F8& y) {
+               F8 s;
+               add8(r, d, s);
+               store8(cur + d, s);
+               y = cc * s + alpha * load8(prev + d);
+             },
+             [&](int64_t d) {
+               const float s = add1(r, d);
+               cur[d] = s;
+               return cc * s + alpha * prev[d];
+             });
+      }
+    }
+    return;
+  }
+  // optimal: M s_i = (s_i + sum_j s_j) / (K + 1), column sums as in mix_bundle
+  std::fill(C, C + nb * D, 0.0f);
+  std::fill(E, E + nb * D, 0.0f);
+  for (int64_t i0 = 0; i0 < K; i0 += kColumnSumBlock) {
+    std::fill(A, A + nb * D, 0.0f);
+    for (int64_t i = i0; i < std::min(K, i0 + kColumnSumBlock); ++i) {
+      for (int64_t c = 0; c < nb; ++c) {
+        const int64_t r = row(c, i);
+        float* si = S + (i * nb + c) * D;
+        float* blk = A + c * D;
+        row_map(D,
+                [&](int64_t d) {
+                  F8 s;
+                  add8(r, d, s);
+                  store8(si + d, s);
+                  store8(blk + d, load8(blk + d) + s);
+                },
+                [&](int64_t d) {
+                  si[d] = add1(r, d);
+                  blk[d] += si[d];
+                });
+      }
+    }
+    kahan_add(A, C, E, nb * D);
+  }
+  const float inv = 1.0f / static_cast<float>(K + 1);
+  for (int64_t i = 0; i < K; ++i) {
+    for (int64_t c = 0; c < nb; ++c) {
+      const float* si = S + (i * nb + c) * D;
+      const float* colsum = C + c * D;
+      emit(row(c, i), [&](int64_t d, F8& y) { y = (load8(si + d) + load8(colsum + d)) * inv; },
+           [&](int64_t d) { return (si[d] + colsum[d]) * inv; });
+    }
+  }
+}
 
 template <typename T>
 void fwd_impl(const FwdArgs& A) {
@@ -597,7 +777,22 @@ void fwd_impl(const FwdArgs& A) {
       sp[row] = rs;
       normalize_store(v, mu, rs, wp, bp, yp + row * D, D);  // straight into the output: no extra copy
     };
-    run_rows(G, kind, alpha, mix, A.g.reverse, src, sink);
+    if (!((kind == KIND_SHIFT && !A.g.reverse) || kind == KIND_OPTIMAL)) {
+      run_rows(G, kind, alpha, mix, A.g.reverse, src, sink);
+      return;
+    }
+    // shift / optimal: the fused forward of the mixed rows (fwd_mix_bundle)
+    const FwdRows<T> R{xp, rp, wp, bp, eps, yp, op, mp, sp};
+    run_unmixed(G, kind, src, sink);
+    run_mixed(G, kind, [&](int64_t g0, int64_t nb, bool keep, float* work) {
+      if (kind == KIND_OPTIMAL && !keep) {  // groups too large to keep: mix_bundle recomputes the rows
+        mix_bundle(G, g0, nb, kind, alpha, mix, false, keep, work, src, sink);
+      } else if (rp) {
+        fwd_mix_bundle<true>(G, g0, nb, kind, alpha, R, work);
+      } else {
+        fwd_mix_bundle<false>(G, g0, nb, kind, alpha, R, work);
+      }
+    });
   } else {
     // residual_out = s, normed = M LN(s)
     auto src = [=](int64_t row, float* out, bool first, float*) {
