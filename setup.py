@@ -39,8 +39,9 @@ BUILD_CUDA_MODES = ("auto", "0", "1")
 #: TORCH_CUDA_ARCH_LIST when it is unset: A100 and H100 class GPUs.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
-CPU_SOURCES = (("csrc", "extension.cpp"), ("csrc", "ops.cpp"), ("csrc", "cpu", "mix_add_layernorm.cpp"),
-               ("csrc", "cpu", "kernels_default.cpp"), ("csrc", "cpu", "kernels_avx2.cpp"))
+CPU_SOURCES = (("csrc", "extension.cpp"), ("csrc", "ops.cpp"), ("csrc", "autograd.cpp"),
+               ("csrc", "cpu", "mix_add_layernorm.cpp"), ("csrc", "cpu", "kernels_default.cpp"),
+               ("csrc", "cpu", "kernels_avx2.cpp"))
 CUDA_SOURCES = (("csrc", "cuda", "mix_add_layernorm.cu"), ("csrc", "cuda", "mix_add_layernorm_op.cpp"))
 
 

@@ -2,8 +2,8 @@
 // noisynn::mix_add_layernorm_bwd_cpp.  Their CPU implementation is registered in
 // cpu/mix_add_layernorm.cpp, their CUDA implementation (when built with CUDA) in
 // cuda/mix_add_layernorm_op.cpp, each by dispatch key, so the device of the tensors picks the code.
-// The fake (meta) implementations and the autograd formula are registered once, in Python, in the
-// module named below.  Semantics: noisynn_kernels/ops/mix_add_layernorm/__init__.py.
+// The autograd formula is autograd.cpp (the Autograd key: every device); the fake (meta)
+// implementations are registered once, in Python, in the module named below.  Semantics: noisynn_kernels/ops/mix_add_layernorm/__init__.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(noisynn, m) {

@@ -10,7 +10,10 @@ thresholds fails too: a new default backend must come with its own numbers.  The
   sizes where ViT-S/B inference and small-batch training live (identity and the noisy kinds);
 - ``vs_compiled_ref``: the fused op against ``torch.compile`` of the package's own O(k d) formulation;
 - ``overhead``: the raw registered op's time over the public ``mix_add_layernorm``'s at small shapes
-  (1.0: the Python layers add nothing); the microseconds they add are recorded with the result.
+  (1.0: the Python layers add nothing); the microseconds they add are recorded with the result;
+- ``autograd``: the raw op's forward under ``no_grad`` over its forward on inputs that require grad
+  (1.0: recording the autograd graph adds nothing; a Python autograd formula put it near 0.2 at
+  (2, 17, 64)), and the microseconds the graph adds.
 
 pytest-benchmark records the fused op's own timing for the report.
 """
@@ -170,3 +173,46 @@ def test_public_call_overhead(shape, benchmark):
     benchmark.pedantic(public, rounds=3, warmup_rounds=1)
     assert max(ratios) >= threshold, _fail_message(
         f"public mix_add_layernorm at {shape} ({overhead_us:.1f} us over the raw op), raw / public", ratios, threshold)
+
+
+@pytest.mark.parametrize("shape", OVERHEAD_SHAPES, ids=["x".join(map(str, s)) for s in OVERHEAD_SHAPES])
+def test_autograd_formula_overhead(shape, benchmark):
+    """The raw registered op's forward on inputs that require grad (its autograd formula records the
+    graph: C++, csrc/autograd.cpp) against the same call under ``no_grad``: the ratio is gated, the
+    microseconds the formula adds are recorded (``autograd_us``)."""
+    backend = backend_for("mix_add_layernorm", "cpu")
+    if backend != "cpu":
+        pytest.skip(f"the raw op is the compiled cpu backend's; the CPU default here is {backend!r}")
+    g = torch.Generator().manual_seed(0)
+    B, N, D = shape
+    leaves = [torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g), torch.randn(D, generator=g),
+              torch.randn(D, generator=g)]
+    for t in leaves:
+        t.requires_grad_(True)
+    spec = check_mix_add_layernorm(*leaves, 1e-6, nk.NoiseConfig(kind="shift", axis="tokens"), 1, None, False)
+    args = (*leaves, 1e-6, *mix_args(spec, leaves[0].device), False, False)
+    raw_op = torch.ops.noisynn.mix_add_layernorm_fwd_cpp
+    out = raw_op(*args)
+    assert out[0].grad_fn is not None and out[2].grad_fn is None  # the graph is recorded; mean is not differentiable
+
+    def graph():
+        for _ in range(10):
+            raw_op(*args)
+
+    def no_graph():
+        with torch.no_grad():
+            for _ in range(10):
+                raw_op(*args)
+
+    key = "x".join(map(str, shape))
+    threshold = _threshold(backend, "autograd", key)
+    fns = {"graph": graph, "no_graph": no_graph}
+    ratios = _gate(fns, "graph", "no_graph", threshold, BenchOptions(warmup=3, iters=31))
+    t = measure_interleaved(fns, warmup=1, iters=31)
+    autograd_us = (t["graph"].median - t["no_graph"].median) / 10 * 1e6
+    benchmark.extra_info.update(shape=list(shape), no_graph_over_graph=max(ratios), threshold=threshold,
+                                autograd_us=autograd_us, no_graph_us=t["no_graph"].median / 10 * 1e6)
+    benchmark.pedantic(graph, rounds=3, warmup_rounds=1)
+    assert max(ratios) >= threshold, _fail_message(
+        f"raw mix_add_layernorm forward at {shape} recording autograd ({autograd_us:.1f} us over no_grad), "
+        "no_grad / with graph", ratios, threshold)

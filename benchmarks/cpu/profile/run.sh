@@ -28,7 +28,7 @@ build() {  # objects in build/profile/obj; a source is recompiled when it or a c
                -I"$torch_dir/include" -I"$torch_dir/include/torch/csrc/api/include")
   local newest_header objs=() pids=()
   newest_header="$(ls -t "$src"/*.h "$src"/cpu/*.h | head -n 1)"
-  for f in "$here/profile_op.cpp" "$src/ops.cpp" "$src/cpu/mix_add_layernorm.cpp" "$src/cpu/kernels_default.cpp" \
+  for f in "$here/profile_op.cpp" "$src/ops.cpp" "$src/autograd.cpp" "$src/cpu/mix_add_layernorm.cpp" "$src/cpu/kernels_default.cpp" \
            "$src/cpu/kernels_avx2.cpp"; do
     local o="$obj/$(basename "$f" .cpp).o"
     objs+=("$o")

@@ -1,8 +1,9 @@
 """What the two ``mix_add_layernorm`` op families (the Triton ops and the C++ op with its CPU and CUDA
-implementations) share: one schema, so one fake (meta) implementation per entry point, one autograd
-formula (built around each family's backward op by :func:`make_backward`) and one way to call the
-forward op from a checked :class:`~noisynn_kernels._validate.MixSpec` (:func:`run_fwd`).  Nothing here
-imports Triton or needs the compiled extension.
+implementations) share: one schema, so one fake (meta) implementation per entry point, the autograd
+formula (:func:`make_backward`, around the Triton backward op; the C++ op has the same formula in C++,
+``csrc/autograd.cpp``, where it costs a few microseconds a call instead of a Python kernel's ~90) and
+one way to call the forward op from a checked :class:`~noisynn_kernels._validate.MixSpec`
+(:func:`run_fwd`).  Nothing here imports Triton or needs the compiled extension.
 
 Autograd: ``x``, ``residual``, ``weight`` and ``bias`` are differentiable; the ``dense`` matrix is a
 constant; no double backward.  ``straight_through`` runs the mixed forward and an identity backward.

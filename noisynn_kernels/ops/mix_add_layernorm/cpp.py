@@ -2,9 +2,11 @@
 
 One schema (declared in ``csrc/ops.cpp``) with two implementations registered by dispatch key: the
 C++ CPU kernels (``csrc/cpu/``) and, in builds with CUDA, the CUDA C++ kernels (``csrc/cuda/``), all
-compiled into ``noisynn_kernels._C``.  This module registers the op's one fake (meta)
-implementation and its one autograd formula (the C++ library names this module as the op's Python
-home, so torch imports it when it needs the fake) and holds the ``cpu`` and ``cuda`` launchers.
+compiled into ``noisynn_kernels._C``, with one autograd formula in C++ (``csrc/autograd.cpp``: the
+semantics of :mod:`.common`'s formula, without the Python autograd kernel's ~90 us a call).  This
+module registers the op's one fake (meta) implementation (the C++ library names this module as the
+op's Python home, so torch imports it when it needs the fake) and holds the ``cpu`` and ``cuda``
+launchers.
 The tensors' device picks the implementation; each launcher checks that the device is its own, so
 the backend a caller chose is the code that runs.
 
@@ -21,7 +23,7 @@ from torch import Tensor
 from ..._ext import backend_status
 from ..._validate import MixSpec
 from ...errors import BackendUnavailableError, ShapeError
-from .common import bwd_fake, fwd_fake, make_backward, run_fwd, setup_context
+from .common import bwd_fake, fwd_fake, run_fwd
 
 __all__ = ["available", "launch_cpu", "launch_cuda", "SUPPORTED_DTYPES"]
 
@@ -46,8 +48,6 @@ if _registered():
     # here, in the op's Python home: torch checks that fakes are registered from that module
     torch.library.register_fake(_FWD)(fwd_fake)
     torch.library.register_fake(_BWD)(bwd_fake)
-    torch.library.register_autograd(_FWD, make_backward(torch.ops.noisynn.mix_add_layernorm_bwd_cpp),
-                                    setup_context=setup_context)
 
 
 def _launch(device_type: str, x: Tensor, residual: Tensor | None, weight: Tensor | None,
