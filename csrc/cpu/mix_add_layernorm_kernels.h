@@ -374,12 +374,14 @@ inline void kahan_add(const float* __restrict__ blk, float* __restrict__ sum, fl
 // sample's grid, whose rows interleave in memory).  Rows are visited in ascending memory order,
 // position i outer and group inner, so the hardware prefetchers see streams, not rows `step` apart.
 // src(row, out, first, scratch) writes the fp32 source row (`first` is true exactly once per row: side
-// outputs happen then); sink(row, v, scratch) consumes the mixed row and may overwrite v.  `work`
+// outputs happen then); sink(row, v, scratch) consumes the mixed row and may overwrite v; target(row)
+// names where the mixed row of shift / optimal goes (its final fp32 place, so that the sink need not
+// copy it: v is then that pointer), or nullptr for a work buffer.  `work`
 // holds bundle_work_floats(D, K, nb, keep, gemm) floats: scratch, then four nb * D buffers, then, when
 // `keep`, the K * nb source rows, then, for a dense product through G.gemm, its K * nb output rows.
-template <typename Src, typename Sink>
+template <typename Src, typename Sink, typename Target>
 inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, float alpha, const float* mix,
-                       bool transpose, bool keep, float* work, Src& src, Sink& sink) {
+                       bool transpose, bool keep, float* work, Src& src, Sink& sink, Target& target) {
   const int64_t D = G.D, K = G.K;
   float* scratch = work;
   // per group c, D floats each at offset c * D:
@@ -391,6 +393,10 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
   float* S = E + nb * D;   // keep: source row (i, c) at S + (i * nb + c) * D
   float* Y = S + K * nb * D;  // dense through G.gemm: output row (i, c) at Y + (i * nb + c) * D
   auto row = [&](int64_t c, int64_t i) { return G.row(g0 + c, i); };
+  auto dest = [&](int64_t r, float* buffer) {
+    float* t = target(r);
+    return t != nullptr ? t : buffer;
+  };
   if (kind == KIND_SHIFT && !transpose) {
     // y_i = (1 - a) s_i + a s_{i-1}, s_{-1} = s_{K-1}: stream the groups keeping one partner row each
     const float cc = 1.0f - alpha;
@@ -400,22 +406,23 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
         float* prev = (i & 1) ? Bf + c * D : A + c * D;  // buffers alternate: the source row just read
         float* cur = (i & 1) ? A + c * D : Bf + c * D;   // is the next row's partner
         src(row(c, i), cur, true, scratch);
-        row_map(D, [&](int64_t d) { store8(prev + d, cc * load8(cur + d) + alpha * load8(prev + d)); },
-                [&](int64_t d) { prev[d] = cc * cur[d] + alpha * prev[d]; });
-        sink(row(c, i), prev, scratch);
+        float* y = dest(row(c, i), prev);  // prev itself is free once y_i is computed
+        row_map(D, [&](int64_t d) { store8(y + d, cc * load8(cur + d) + alpha * load8(prev + d)); },
+                [&](int64_t d) { y[d] = cc * cur[d] + alpha * prev[d]; });
+        sink(row(c, i), y, scratch);
       }
     }
   } else if (kind == KIND_SHIFT) {
     // transposed: y_i = (1 - a) s_i + a s_{i+1}, s_K = s_0.  Also walks forwards, emitting y_{i-1} once
     // s_i is read and keeping s_0 for the last row.
     const float cc = 1.0f - alpha;
-    float* out = E;
     for (int64_t c = 0; c < nb; ++c) src(row(c, 0), C + c * D, true, scratch);
     for (int64_t i = 1; i < K; ++i) {
       for (int64_t c = 0; c < nb; ++c) {
         const float* prev = i == 1 ? C + c * D : ((i & 1) ? A + c * D : Bf + c * D);
         float* cur = (i & 1) ? Bf + c * D : A + c * D;
         src(row(c, i), cur, true, scratch);
+        float* out = dest(row(c, i - 1), E);
         row_map(D, [&](int64_t d) { store8(out + d, cc * load8(prev + d) + alpha * load8(cur + d)); },
                 [&](int64_t d) { out[d] = cc * prev[d] + alpha * cur[d]; });
         sink(row(c, i - 1), out, scratch);
@@ -423,6 +430,7 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
     }
     for (int64_t c = 0; c < nb; ++c) {
       const float* prev = K == 1 ? C + c * D : ((K & 1) ? A + c * D : Bf + c * D);  // s_{K-1}
+      float* out = dest(row(c, K - 1), E);
       for (int64_t d = 0; d < D; ++d) out[d] = cc * prev[d] + alpha * C[c * D + d];
       sink(row(c, K - 1), out, scratch);
     }
@@ -453,9 +461,10 @@ inline void mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, 
           si = Bf;
         }
         const float* colsum = C + c * D;
-        row_map(D, [&](int64_t d) { store8(A + d, (load8(si + d) + load8(colsum + d)) * inv); },
-                [&](int64_t d) { A[d] = (si[d] + colsum[d]) * inv; });
-        sink(row(c, i), A, scratch);
+        float* y = dest(row(c, i), A);
+        row_map(D, [&](int64_t d) { store8(y + d, (load8(si + d) + load8(colsum + d)) * inv); },
+                [&](int64_t d) { y[d] = (si[d] + colsum[d]) * inv; });
+        sink(row(c, i), y, scratch);
       }
     }
   } else if (G.gemm != nullptr) {  // dense as matrix products: group c's Y_c (K x D) = M S_c (M^T transposed)
@@ -546,13 +555,18 @@ void run_mixed(const Geometry& G, int64_t kind, Bundle&& bundle) {
   });
 }
 
-// Runs src -> (mix) -> sink over every row: run_unmixed, then mix_bundle over run_mixed's bundles.
-template <typename Src, typename Sink>
-void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bool transpose, Src& src, Sink& sink) {
+// No target row: mixed rows go to a work buffer, then to the sink.
+inline float* no_target(int64_t) { return nullptr; }
+
+// Runs src -> (mix) -> sink over every row: run_unmixed, then mix_bundle over run_mixed's bundles
+// (target: see mix_bundle).
+template <typename Src, typename Sink, typename Target = decltype(no_target)>
+void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bool transpose, Src& src, Sink& sink,
+              Target& target = no_target) {
   run_unmixed(G, kind, src, sink);
   if (kind == KIND_IDENTITY) return;
   run_mixed(G, kind, [&](int64_t g0, int64_t nb, bool keep, float* work) {
-    mix_bundle(G, g0, nb, kind, alpha, mix, transpose, keep, work, src, sink);
+    mix_bundle(G, g0, nb, kind, alpha, mix, transpose, keep, work, src, sink, target);
   });
 }
 
@@ -786,7 +800,7 @@ void fwd_impl(const FwdArgs& A) {
     run_unmixed(G, kind, src, sink);
     run_mixed(G, kind, [&](int64_t g0, int64_t nb, bool keep, float* work) {
       if (kind == KIND_OPTIMAL && !keep) {  // groups too large to keep: mix_bundle recomputes the rows
-        mix_bundle(G, g0, nb, kind, alpha, mix, false, keep, work, src, sink);
+        mix_bundle(G, g0, nb, kind, alpha, mix, false, keep, work, src, sink, no_target);
       } else if (rp) {
         fwd_mix_bundle<true>(G, g0, nb, kind, alpha, R, work);
       } else {
@@ -888,8 +902,22 @@ void bwd_impl(const BwdArgs& A) {
   if (!mix_after_norm) {
     // g = LN-backward(dy) + d_residual_out (gradient wrt r = M s); dx = M^T g
     auto src = [=](int64_t row, float* out, bool first, float* scratch) { ln_back(row, dyp + row * D, out, first, scratch); };
-    auto sink = [=](int64_t row, float* v, float*) { convert_row(v, dxp + row * D, D); };
-    run_rows(G, kind, alpha, mix, !A.g.reverse, src, sink);
+    // fp32: shift / optimal write the mixed row straight into dx (target), so the sink copies nothing
+    auto target = [=](int64_t row) -> float* {
+      if constexpr (std::is_same_v<T, float>) {
+        return dxp + row * D;
+      } else {
+        (void)row;
+        return nullptr;
+      }
+    };
+    auto sink = [=](int64_t row, float* v, float*) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (v == dxp + row * D) return;
+      }
+      convert_row(v, dxp + row * D, D);
+    };
+    run_rows(G, kind, alpha, mix, !A.g.reverse, src, sink, target);
   } else {
     // dz = M^T dy; dx = LN-backward(dz) + d_residual_out
     auto src = [=](int64_t row, float* out, bool, float*) { convert_row(dyp + row * D, out, D); };
