@@ -3,7 +3,7 @@
 // about 90 us per forward call on CPU, as much as the whole kernel at ViT-S sizes; this one costs a few.
 //
 // Autograd: x, residual, weight and bias are differentiable; the dense mix_matrix is a constant; mean and
-// rstd are not differentiable; no double backward.  straight_through runs the mixed forward and an
+// rstd are not differentiable (returned detached); no double backward.  Works under compiled autograd.  straight_through runs the mixed forward and an
 // identity backward.  Gradients are not materialized: when residual_out gets no gradient (the usual
 // case), the backward op receives no d_residual_out instead of zeros.  x and residual receive the same
 // gradient tensor, as autograd's own x + residual does.  dweight / dbias come back in weight's / bias's
@@ -60,7 +60,8 @@ class MixAddLayerNormFunction : public torch::autograd::Function<MixAddLayerNorm
     auto [normed, residual_out, mean, rstd] = fwd_op().call(x, residual, weight, bias, eps, kind, axis, alpha, shift,
                                                             mix_matrix, prefix_tokens, grid_w, mix_after_norm,
                                                             straight_through);
-    ctx->mark_non_differentiable({mean, rstd});
+    // mean / rstd are not differentiable: the wrapper below returns them detached.  (Not
+    // mark_non_differentiable: compiled autograd refuses C++ functions that use it.)
     ctx->set_materialize_grads(false);  // an unused residual_out costs no zero-filled gradient
     ctx->save_for_backward({residual_out, or_undefined(weight), mean, rstd, or_undefined(mix_matrix)});
     ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
@@ -108,7 +109,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mix_add_layernorm_fwd_autograd(
   const variable_list r = MixAddLayerNormFunction::apply(x, residual, weight, bias, eps, kind, axis, alpha, shift,
                                                          mix_matrix, prefix_tokens, grid_w, mix_after_norm,
                                                          straight_through);
-  return {r[0], r[1], r[2], r[3]};
+  auto plain = [](const Tensor& t) { return t.requires_grad() ? t.detach() : t; };
+  return {r[0], r[1], plain(r[2]), plain(r[3])};
 }
 
 }  // namespace

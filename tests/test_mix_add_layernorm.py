@@ -650,6 +650,34 @@ def test_dynamo_keeps_the_op(oracle, backend, kind, axis, mix_after_norm, inputs
         torch.testing.assert_close(gc[name], ge[name])
 
 
+@backends("reference", "cpu", "cuda")
+@pytest.mark.parametrize("kind", ["shift", "optimal"])
+def test_compiled_autograd(oracle, backend, kind):
+    """The backward under compiled autograd (``torch._dynamo.compiled_autograd``) gives eager's gradients:
+    the op's autograd formula (C++ for the cpu / cuda backends) must be one compiled autograd accepts."""
+    from torch._dynamo import compiled_autograd
+
+    g = gen(3)
+    base = [torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g), torch.randn(16, generator=g),
+            torch.randn(16, generator=g)]
+    cfg = NoiseConfig(kind=kind)
+
+    def grads(compiled: bool):
+        leaves = [t.clone().to(backend.device).requires_grad_(True) for t in base]
+        normed, res = oracle.fused(*leaves, mix=cfg, prefix_tokens=1)
+        loss = (normed * normed).sum() + res.sum()
+        if compiled:
+            torch._dynamo.reset()
+            with compiled_autograd._enable(lambda gm: torch.compile(gm, backend="eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        return [t.grad for t in leaves]
+
+    for got, want in zip(grads(True), grads(False)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.slow
 @backends(*KERNELS)
 @pytest.mark.parametrize("kind,axis,mix_after_norm,inputs,dtype", COMPILE_CASES)
