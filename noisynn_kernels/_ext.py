@@ -14,8 +14,8 @@ from typing import Any
 
 from .errors import BackendUnavailableError
 
-__all__ = ["extension", "extension_error", "backend_info", "BACKENDS", "requested_backend", "select_backend",
-           "backend_status", "triton_interpreted", "cuda_kernel_image"]
+__all__ = ["extension", "extension_error", "backend_info", "BACKENDS", "requested_backend", "requested_backend_token",
+           "select_backend", "backend_status", "triton_interpreted", "cuda_kernel_image"]
 
 #: Every backend name the package knows.  Which ones exist in this installation: backend_info().
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -61,6 +61,21 @@ def requested_backend() -> str | None:
         raise BackendUnavailableError(
             f"NOISYNN_BACKEND={name!r} is not a backend; expected 'auto' or one of {BACKENDS}")
     return name
+
+
+# os.environ's own store (CPython keeps the encoded environment in _data): a lookup there costs a dict get,
+# where os.environ.get of an unset name raises and catches a KeyError (several microseconds a call).
+_ENV_STORE = getattr(os.environ, "_data", None)
+_ENV_NAME = os.environ.encodekey("NOISYNN_BACKEND") if _ENV_STORE is not None else None
+
+
+def requested_backend_token():
+    """``NOISYNN_BACKEND`` as the environment holds it (encoded, unvalidated; ``None`` if unset): cheap
+    enough to read on every call, for keying caches of backend choices.  The value itself is
+    :func:`requested_backend`'s."""
+    if _ENV_STORE is not None:
+        return _ENV_STORE.get(_ENV_NAME)
+    return os.environ.get("NOISYNN_BACKEND")
 
 
 # One @triton.jit kernel of each kernel module: its type says whether Triton's interpreter wrapped it.

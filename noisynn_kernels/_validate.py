@@ -30,6 +30,7 @@ __all__ = [
     "resolve_grid",
     "mix_geometry",
     "mixed_size",
+    "call_key",
     "check_mix_add_layernorm",
     "check_noisy_attention",
     "number",
@@ -184,24 +185,21 @@ def _check_shift(k, alpha) -> None:
     return None
 
 
+_PLAIN = object()  # _meta of an argument that cannot key the cache (anything but a plain tensor or None)
+
+
 def _meta(t):
-    """What the checks read of a tensor argument (or ``None``)."""
-    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+    """What the checks read of a tensor argument: ``None`` for ``None``, ``_PLAIN`` for anything but a plain
+    tensor or parameter (e.g. a subclass, or a list: checked each call, and it gets the checks' own error)."""
+    if t is None:
+        return None
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return (t.shape, t.dtype, t.device)
+    return _PLAIN
 
 
-def _cacheable(residual, weight, bias, eps, prefix_tokens, grid, mix_after_norm) -> bool:
-    """Whether a call's arguments can key the check cache: plain tensors or ``None``, plain numbers and a
-    grid of plain ints (anything else, e.g. a 0-d tensor that could change in place, is checked each call,
-    and gets the checks' own error)."""
-    for t in (residual, weight, bias):
-        if t is not None and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
-            return False
-    return (type(eps) in (float, int) and type(prefix_tokens) is int and type(mix_after_norm) is bool
-            and (grid is None or (type(grid) is tuple and all(type(g) is int for g in grid))))
-
-
-# Checked calls of mix_add_layernorm, keyed by everything the checks read: the arguments' types, the
-# tensors' shapes, dtypes and devices, and the config object's identity (NoiseConfig is frozen).  An entry
+# Checked calls of mix_add_layernorm, keyed by everything the checks read (call_key): the tensors' shapes,
+# dtypes and devices, the numbers, and the config object's identity (NoiseConfig is frozen).  An entry
 # holds a weak reference to the config, never the config (a deleted config, with its dense matrix and
 # the device copy cached for it, must go), and a hit needs that reference to still be the object passed.
 # A layer calls with the same metadata every step, so its checks run once and later calls cost one key
@@ -209,16 +207,35 @@ def _cacheable(residual, weight, bias, eps, prefix_tokens, grid, mix_after_norm)
 # calls (torch.compile), tensor subclasses and arguments of other types always run the checks.
 _CHECKED: dict = {}
 _CHECKED_MAX = 512
+_UNKEYED = object()  # check_mix_add_layernorm's key argument when the caller has none
 
 
-def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm) -> MixSpec:
+def call_key(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm):
+    """What :func:`check_mix_add_layernorm` reads of a call, as a dict key: the tensors' shapes, dtypes and
+    devices, the numbers and the config object's identity; ``None`` for a call that is never cached
+    (traced by torch.compile, a tensor subclass, arguments of other types than the checks accept, e.g. a
+    0-d tensor ``eps`` that could change in place or ``True`` for an int).
+    A hit must also check that the config is still the object passed (see ``_CHECKED``)."""
+    if (type(x) is not torch.Tensor or (mix is not None and type(mix) is not NoiseConfig)
+            or (type(eps) is not float and type(eps) is not int) or type(prefix_tokens) is not int
+            or type(mix_after_norm) is not bool or torch.compiler.is_compiling()):
+        return None
+    if grid is not None and (type(grid) is not tuple or not all(type(g) is int for g in grid)):
+        return None
+    r, w, b = _meta(residual), _meta(weight), _meta(bias)
+    if r is _PLAIN or w is _PLAIN or b is _PLAIN:
+        return None
+    return (x.shape, x.dtype, x.device, r, w, b, eps, id(mix), prefix_tokens, grid, mix_after_norm)
+
+
+def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm,
+                            key=_UNKEYED) -> MixSpec:
     """The backend-independent checks of :func:`noisynn_kernels.mix_add_layernorm`, done once per call
-    (once per argument metadata: see ``_CHECKED``)."""
-    key = None
-    if (type(x) is torch.Tensor and (mix is None or type(mix) is NoiseConfig) and not torch.compiler.is_compiling()
-            and _cacheable(residual, weight, bias, eps, prefix_tokens, grid, mix_after_norm)):
-        key = (x.shape, x.dtype, x.device, _meta(residual), _meta(weight), _meta(bias), type(eps), eps, id(mix),
-               prefix_tokens, grid, mix_after_norm)
+    (once per argument metadata: see ``_CHECKED``).  ``key``: the call's :func:`call_key` when the
+    caller has it already."""
+    if key is _UNKEYED:
+        key = call_key(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
+    if key is not None:
         hit = _CHECKED.get(key)
         if hit is not None and (mix is None if hit[0] is None else hit[0]() is mix):
             return MixSpec(_IDENTITY if mix is None else mix, *hit[1:])

@@ -8,15 +8,18 @@ backends the op has) and calls that backend's launcher from the op's table in
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
 
 from . import quality, reference
 from ._checks import VALUE_RANGES, shift_direction
-from ._ext import select_backend
+from ._ext import requested_backend_token, select_backend
 from ._validate import (
     AXES,
+    MixSpec,
+    call_key,
     check_activation,
     check_generator,
     check_mix_add_layernorm,
@@ -182,6 +185,16 @@ def salt_and_pepper_noise(x: torch.Tensor, p: float, *, low: float | None = None
                                                   prefix_tokens=prefix_tokens, generator=generator, seed=seed)
 
 
+# The checked calls of mix_add_layernorm with the backend each one chose: a call site calls with the same
+# argument metadata every step, so it picks its backend and runs its checks once and later calls cost one
+# key (_validate.call_key) and a lookup.  Keyed by the call's metadata, the backend asked for and
+# NOISYNN_BACKEND (read each call: a changed preference takes effect at once); an entry holds a weak
+# reference to the config, as _validate's check cache does.  Which backends exist is fixed for a process;
+# the launcher still refuses a backend that cannot run.  Failed calls are never kept; the table is bounded.
+_PLANS: dict = {}
+_PLANS_MAX = 512
+
+
 def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, eps: float = 1e-6, *, mix=None, prefix_tokens: int = 0,
                       grid: Sequence[int] | None = None, mix_after_norm: bool = False,
@@ -208,8 +221,26 @@ def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None = None, wei
             (:func:`noisynn_kernels.backend_info`).  An unavailable backend raises
             :class:`~noisynn_kernels.BackendUnavailableError`.
     """
+    key = call_key(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
+    if key is not None and (backend is None or type(backend) is str):
+        key = (key, backend, requested_backend_token())
+        plan = _PLANS.get(key)
+        if plan is not None:
+            if mix is None:
+                return _mix_add_layernorm_op.LAUNCHERS[plan[1]](x, residual, weight, bias, eps, plan[2], mix_after_norm)
+            if plan[0]() is mix:
+                return _mix_add_layernorm_op.LAUNCHERS[plan[1]](x, residual, weight, bias, eps,
+                                                                MixSpec(mix, *plan[2]), mix_after_norm)
+    else:
+        key = None
     name = backend_for("mix_add_layernorm", _device_type(x), backend)
-    spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
+    spec = check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm,
+                                   key=None if key is None else key[0])
+    if key is not None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        # the config by weak reference, as in _validate's cache (spec.cfg is mix: the hit rebuilds the spec)
+        _PLANS[key] = (None, name, spec) if mix is None else (weakref.ref(mix), name, tuple(spec[1:]))
     return _mix_add_layernorm_op.LAUNCHERS[name](x, residual, weight, bias, eps, spec, mix_after_norm)
 
 

@@ -801,6 +801,50 @@ def test_snp_bad_tensor():
         F.salt_and_pepper_noise(torch.randn(2, 3, 4, 4), 0.1, prefix_tokens=1)
 
 
+def test_mix_add_layernorm_backend_choice_is_cached_per_call_and_follows_the_environment(monkeypatch):
+    """A call site's backend is chosen once (the same call later goes straight to its launcher), but a
+    change of NOISYNN_BACKEND takes effect at the next call, a bad value raises on every call, and a
+    cached choice never outlives its config."""
+    import gc
+    import weakref
+
+    from noisynn_kernels import NoiseConfig, _ext, ops
+    from noisynn_kernels.errors import BackendUnavailableError
+
+    table = ops.mix_add_layernorm.LAUNCHERS
+    chosen, selections = [], []
+    for name in ("reference", "cpu"):
+        monkeypatch.setitem(table, name, lambda *a, name=name, real=table[name]: chosen.append(name) or real(*a))
+    real_select = F.select_backend
+    monkeypatch.setattr(F, "select_backend", lambda *a, **k: selections.append(a) or real_select(*a, **k))
+    x, r = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    w, b = torch.randn(8), torch.randn(8)
+    cfg = NoiseConfig(kind="shift", axis="tokens")
+    monkeypatch.setenv("NOISYNN_BACKEND", "reference")
+    first = F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+    again = F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+    assert chosen == ["reference", "reference"] and len(selections) == 1  # chosen once
+    for one, two in zip(first, again):
+        assert torch.equal(one, two)
+    monkeypatch.setenv("NOISYNN_BACKEND", "nonsense")
+    for _ in range(2):
+        with pytest.raises(BackendUnavailableError, match="nonsense"):
+            F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+    if _ext.backend_status("cpu", "cpu") is None:
+        monkeypatch.setenv("NOISYNN_BACKEND", "cpu")
+        F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+        F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+        assert chosen[2:] == ["cpu", "cpu"]
+    monkeypatch.setenv("NOISYNN_BACKEND", "reference")
+    F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1, backend="reference")
+    F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+    assert chosen[-2:] == ["reference", "reference"]
+    ref = weakref.ref(cfg)
+    del cfg
+    gc.collect()
+    assert ref() is None  # the cached choice does not keep the config alive
+
+
 def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):
     """A call with the metadata of an earlier good call (shapes, dtypes, devices, argument types and values,
     the same config object) reuses its checked spec; anything else is checked again, so bad arguments still
