@@ -57,11 +57,29 @@ def test_make_eager_refuses_plain_model():
 
 
 def test_interleaved_timing_orders_and_ratios():
-    calls = []
-    t = measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1, iters=4)
-    assert len(t["a"].times) == 4 and len(t["b"].times) == 4
-    # warm-up a, b; then rounds rotate the order: ab, ba, ab, ba
-    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    """Every round calls each competitor once; the order is shuffled, the same in every run, and each
+    competitor follows each other about equally often (not one neighbour nearly always, as a rotated
+    order gives)."""
+    names = "abcde"
+
+    def run(iters):
+        calls = []
+        t = measure_interleaved({n: (lambda n=n: calls.append(n)) for n in names}, warmup=1, iters=iters)
+        return calls, t
+
+    calls, t = run(60)
+    assert all(len(t[n].times) == 60 for n in names)
+    assert calls[:5] == list(names)  # the warm-up round, in the given order
+    rounds = [calls[i:i + 5] for i in range(5, len(calls), 5)]
+    assert len(rounds) == 60 and all(sorted(r) == list(names) for r in rounds)
+    assert run(60)[0] == calls  # seeded: repeatable
+    timed = calls[5:]
+    follows = {(p, n): 0 for p in names for n in names if p != n}
+    for p, n in zip(timed, timed[1:]):
+        if p != n:
+            follows[p, n] += 1
+    # 295 neighbour pairs over 20 ordered pairs: about 14 each (a rotation gives 0 or ~59)
+    assert min(follows.values()) >= 5 and max(follows.values()) <= 25, follows
     assert t["a"].ratio_to(t["a"]) == 1.0
 
 

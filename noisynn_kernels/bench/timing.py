@@ -8,6 +8,7 @@ memory-bound kernel of ~50 us reads its inputs from HBM as it would inside a mod
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -61,8 +62,12 @@ def l2_flush_buffer(device: torch.device) -> torch.Tensor:
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, iters: int = 10,
                         device: torch.device | None = None, flush_l2: bool = True) -> dict[str, Timing]:
-    """Time each callable ``iters`` times, interleaved round-robin (order rotated every round) so that
-    machine noise hits all competitors alike; ``warmup`` untimed rounds first.
+    """Time each callable ``iters`` times, interleaved: every round calls each once, in an order shuffled
+    every round (seeded, so a run is repeatable), so that machine noise hits all competitors alike and
+    each follows each other about equally often; ``warmup`` untimed rounds first.  (A call that follows
+    one which evicted the caches runs slower at cache-resident sizes: with the order only rotated, the
+    competitor listed after the eager dense path followed it in all but one round of ``len(fns)``, and
+    the one listed after it always found the inputs just read.)
 
     On a CUDA ``device`` the time of a call is the CUDA-event time of the call alone, with the L2 flushed
     before it (``flush_l2``; turn it off for callables that are not memory-bound or that span many
@@ -75,8 +80,9 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2
     cuda = device is not None and device.type == "cuda"
     flush = l2_flush_buffer(device) if cuda and flush_l2 else None
     times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(iters):
-        order = names[r % len(names):] + names[:r % len(names)]
+    rng = random.Random(0)
+    for _ in range(iters):
+        order = rng.sample(names, len(names))
         events = []
         for n in order:
             if cuda:
