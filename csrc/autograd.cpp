@@ -10,8 +10,8 @@
 // dtype.  Under torch.compile the formula is traced like any C++ autograd kernel: the forward and
 // backward ops appear in the joint graph through their fakes (ops/mix_add_layernorm/cpp.py).
 #include "op_codes.h"
+#include "op_signatures.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -26,25 +26,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-using FwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                          const OptTensor&, double, int64_t, int64_t, double,
-                                                          int64_t, const OptTensor&, int64_t, int64_t, bool, bool);
-using BwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                                                  const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t,
-                                                  const OptTensor&, int64_t, int64_t, bool);
-
-const c10::TypedOperatorHandle<FwdSig>& fwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("noisynn::mix_add_layernorm_fwd_cpp", "").typed<FwdSig>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BwdSig>& bwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("noisynn::mix_add_layernorm_bwd_cpp", "").typed<BwdSig>();
-  return op;
-}
-
 // undefined for an absent optional tensor (what SavedVariable keeps as "none")
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
@@ -57,7 +38,7 @@ class MixAddLayerNormFunction : public torch::autograd::Function<MixAddLayerNorm
                                int64_t axis, double alpha, int64_t shift, const OptTensor& mix_matrix,
                                int64_t prefix_tokens, int64_t grid_w, bool mix_after_norm, bool straight_through) {
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [normed, residual_out, mean, rstd] = fwd_op().call(x, residual, weight, bias, eps, kind, axis, alpha, shift,
+    auto [normed, residual_out, mean, rstd] = mix_add_layernorm_fwd_op().call(x, residual, weight, bias, eps, kind, axis, alpha, shift,
                                                             mix_matrix, prefix_tokens, grid_w, mix_after_norm,
                                                             straight_through);
     // mean / rstd are not differentiable: the wrapper below returns them detached.  (Not
@@ -88,7 +69,7 @@ class MixAddLayerNormFunction : public torch::autograd::Function<MixAddLayerNorm
     const Tensor& weight = saved[1];
     if (!d_normed.defined()) d_normed = at::zeros_like(residual_out);
     const auto& s = ctx->saved_data;
-    auto [dx, dw, db] = bwd_op().call(d_normed, defined_or_none(d_residual_out), residual_out,
+    auto [dx, dw, db] = mix_add_layernorm_bwd_op().call(d_normed, defined_or_none(d_residual_out), residual_out,
                                       defined_or_none(weight), saved[2], saved[3], s.at("kind").toInt(),
                                       s.at("axis").toInt(), s.at("alpha").toDouble(), s.at("shift").toInt(),
                                       defined_or_none(saved[4]), s.at("prefix_tokens").toInt(),

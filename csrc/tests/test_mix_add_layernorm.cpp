@@ -13,16 +13,12 @@
 #include <utility>
 #include <vector>
 
+#include "../op_signatures.h"
+
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using FwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                          const OptTensor&, double, int64_t, int64_t, double,
-                                                          int64_t, const OptTensor&, int64_t, int64_t, bool, bool);
-using BwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                                                  const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t,
-                                                  const OptTensor&, int64_t, int64_t, bool);
 
 constexpr const char* kKinds[] = {"identity", "shift", "optimal", "dense"};
 constexpr const char* kAxes[] = {"tokens", "rows", "batch"};
@@ -67,9 +63,8 @@ double max_err(const Tensor& a, const Tensor& b) {
 // Runs one case on `device` (named `suffix` in messages); returns the number of failed checks.
 int run_case(const std::string& suffix, const torch::Device& device, int64_t kind, int64_t axis, int64_t shift,
              bool mix_after_norm) {
-  auto& dispatcher = c10::Dispatcher::singleton();
-  const auto fwd = dispatcher.findSchemaOrThrow("noisynn::mix_add_layernorm_fwd_cpp", "").typed<FwdSig>();
-  const auto bwd = dispatcher.findSchemaOrThrow("noisynn::mix_add_layernorm_bwd_cpp", "").typed<BwdSig>();
+  const auto& fwd = noisynn::mix_add_layernorm_fwd_op();
+  const auto& bwd = noisynn::mix_add_layernorm_bwd_op();
   torch::manual_seed(static_cast<uint64_t>(100 * kind + 10 * axis + mix_after_norm));
   auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
   const Tensor x = torch::randn({B, N, D}, f64) * 2 + 0.5, res = torch::randn({B, N, D}, f64);

@@ -11,7 +11,6 @@
 // valgrind it prints the median wall time per call.  Build and use: benchmarks/cpu/profile/run.sh.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <valgrind/callgrind.h>
 
 #include <algorithm>
@@ -25,16 +24,12 @@
 #include <tuple>
 #include <vector>
 
+#include "op_signatures.h"
+
 namespace {
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
-using FwdSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                          const OptTensor&, double, int64_t, int64_t, double,
-                                                          int64_t, const OptTensor&, int64_t, int64_t, bool, bool);
-using BwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                                                  const Tensor&, const Tensor&, int64_t, int64_t, double,
-                                                  int64_t, const OptTensor&, int64_t, int64_t, bool);
 
 int64_t code(const char* name, const std::vector<std::string>& names) {
   for (size_t i = 0; i < names.size(); ++i) {
@@ -65,8 +60,8 @@ int main(int argc, char** argv) {
   const Tensor w = at::randn({D}), b = at::randn({D});
   OptTensor M;
   if (kind == 3) M = at::eye(K) + at::rand({K, K}) / static_cast<double>(K);
-  auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("noisynn::mix_add_layernorm_fwd_cpp", "").typed<FwdSig>();
-  auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("noisynn::mix_add_layernorm_bwd_cpp", "").typed<BwdSig>();
+  const auto& fwd = noisynn::mix_add_layernorm_fwd_op();
+  const auto& bwd = noisynn::mix_add_layernorm_bwd_op();
   auto run_fwd = [&] { return fwd.call(x, res, w, b, 1e-6, kind, axis, 0.3, 1, M, P, gw, false, false); };
   const auto saved = run_fwd();
   const Tensor s = x + res;
