@@ -678,6 +678,33 @@ def test_compiled_autograd(oracle, backend, kind):
         torch.testing.assert_close(got, want)
 
 
+@backends("cpu", "cuda")
+def test_create_graph_gives_first_order_gradients_and_refuses_a_second(oracle, backend):
+    """The C++ op has no double backward: a backward with ``create_graph=True`` gives the right gradients,
+    and differentiating them raises (no silent zero second derivative, no autograd-fallback warning)."""
+    import warnings
+
+    g = gen(4)
+    base = [torch.randn(2, 9, 16, generator=g), torch.randn(2, 9, 16, generator=g), torch.randn(16, generator=g),
+            torch.randn(16, generator=g)]
+    cfg = NoiseConfig(kind="shift", axis="tokens")
+
+    def grads(create_graph: bool):
+        leaves = [t.clone().to(backend.device).requires_grad_(True) for t in base]
+        normed, _ = oracle.fused(*leaves, mix=cfg, prefix_tokens=1)
+        return torch.autograd.grad((normed * normed).sum(), leaves, create_graph=create_graph)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the dispatcher's autograd-fallback warning would fail here
+        first = grads(True)
+        for got, want in zip(first, grads(False)):
+            torch.testing.assert_close(got.detach(), want)
+        assert all(t.requires_grad for t in first)
+        for t in first:
+            with pytest.raises(RuntimeError, match="no double backward"):
+                t.sum().backward()
+
+
 @pytest.mark.slow
 @backends(*KERNELS)
 @pytest.mark.parametrize("kind,axis,mix_after_norm,inputs,dtype", COMPILE_CASES)

@@ -12,7 +12,8 @@ tested against it).  For ``(B, N, D)`` tokens ``x`` and ``residual`` (or no resi
   added and normalized but never mixed;
 - ``straight_through``: the forward value is mixed, the gradient passes the mix as the identity;
 - autograd: ``x``, ``residual``, ``weight``, ``bias`` are differentiable; a ``dense`` matrix is a
-  constant; no double backward;
+  constant; no double backward (the C++ op's gradients from a ``create_graph=True`` backward raise
+  when differentiated);
 - dtypes: ``normed`` and ``residual_out`` have ``x``'s dtype whatever the dtypes of ``weight`` and
   ``bias``; the fused kernels compute in fp32.
 
