@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -198,24 +197,13 @@ def _meta(t):
     return _PLAIN
 
 
-# Checked calls of mix_add_layernorm, keyed by everything the checks read (call_key): the tensors' shapes,
-# dtypes and devices, the numbers, and the config object's identity (NoiseConfig is frozen).  An entry
-# holds a weak reference to the config, never the config (a deleted config, with its dense matrix and
-# the device copy cached for it, must go), and a hit needs that reference to still be the object passed.
-# A layer calls with the same metadata every step, so its checks run once and later calls cost one key
-# (about 2 us against 10-15 us of checks).  Failed checks are never kept; the table is bounded; traced
-# calls (torch.compile), tensor subclasses and arguments of other types always run the checks.
-_CHECKED: dict = {}
-_CHECKED_MAX = 512
-_UNKEYED = object()  # check_mix_add_layernorm's key argument when the caller has none
-
-
 def call_key(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm):
     """What :func:`check_mix_add_layernorm` reads of a call, as a dict key: the tensors' shapes, dtypes and
     devices, the numbers and the config object's identity; ``None`` for a call that is never cached
     (traced by torch.compile, a tensor subclass, arguments of other types than the checks accept, e.g. a
-    0-d tensor ``eps`` that could change in place or ``True`` for an int).
-    A hit must also check that the config is still the object passed (see ``_CHECKED``)."""
+    0-d tensor ``eps`` that could change in place or ``True`` for an int).  The key holds the config's
+    ``id`` only: a cache keyed by it must also check that the config it kept (by weak reference, so that a
+    deleted config and its dense matrix can go) is still the object passed."""
     if (type(x) is not torch.Tensor or (mix is not None and type(mix) is not NoiseConfig)
             or (type(eps) is not float and type(eps) is not int) or type(prefix_tokens) is not int
             or type(mix_after_norm) is not bool or torch.compiler.is_compiling()):
@@ -228,27 +216,9 @@ def call_key(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after
     return (x.shape, x.dtype, x.device, r, w, b, eps, id(mix), prefix_tokens, grid, mix_after_norm)
 
 
-def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm,
-                            key=_UNKEYED) -> MixSpec:
-    """The backend-independent checks of :func:`noisynn_kernels.mix_add_layernorm`, done once per call
-    (once per argument metadata: see ``_CHECKED``).  ``key``: the call's :func:`call_key` when the
-    caller has it already."""
-    if key is _UNKEYED:
-        key = call_key(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
-    if key is not None:
-        hit = _CHECKED.get(key)
-        if hit is not None and (mix is None if hit[0] is None else hit[0]() is mix):
-            return MixSpec(_IDENTITY if mix is None else mix, *hit[1:])
-    spec = _check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm)
-    if key is not None:
-        if len(_CHECKED) >= _CHECKED_MAX:
-            _CHECKED.clear()
-        # spec.cfg is mix itself (or the identity config for mix=None): the hit rebuilds the spec from it
-        _CHECKED[key] = (None if mix is None else weakref.ref(mix), spec.prefix_tokens, spec.grid, spec.k)
-    return spec
-
-
-def _check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm) -> MixSpec:
+def check_mix_add_layernorm(x, residual, weight, bias, eps, mix, prefix_tokens, grid, mix_after_norm) -> MixSpec:
+    """The backend-independent checks of :func:`noisynn_kernels.mix_add_layernorm` (which runs them once per
+    call site: see its call cache); the checked mix as a :class:`MixSpec`."""
     check_activation(x)
     if x.dim() != 3:
         raise ShapeError(f"x must be (B, N, D) tokens, got shape {tuple(x.shape)} (rank {x.dim()})")

@@ -849,12 +849,12 @@ def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):
     """A call with the metadata of an earlier good call (shapes, dtypes, devices, argument types and values,
     the same config object) reuses its checked spec; anything else is checked again, so bad arguments still
     raise after good ones, and a new config object with equal fields is checked on its own."""
-    from noisynn_kernels import NoiseConfig, _validate
+    from noisynn_kernels import NoiseConfig
 
     calls = []
-    real = _validate._check_mix_add_layernorm
-    monkeypatch.setattr(_validate, "_check_mix_add_layernorm", lambda *a: calls.append(a) or real(*a))
-    monkeypatch.setattr(_validate, "_CHECKED", {})
+    real = F.check_mix_add_layernorm
+    monkeypatch.setattr(F, "check_mix_add_layernorm", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(F, "_PLANS", {})
     x, r = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     w, b = torch.randn(8), torch.randn(8)
     cfg = NoiseConfig(kind="shift", axis="tokens")
@@ -892,7 +892,7 @@ def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):
     calls.clear()  # (the spy above keeps its calls' arguments)
     gone = NoiseConfig(kind="optimal", axis="tokens")
     F.mix_add_layernorm(x, r, w, b, mix=gone, prefix_tokens=1, backend="reference")
-    assert len(_validate._CHECKED) > 0
+    assert len(F._PLANS) > 0
     ref = weakref.ref(gone)
     calls.clear()
     del gone
