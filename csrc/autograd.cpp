@@ -3,12 +3,12 @@
 // about 90 us per forward call on CPU, as much as the whole kernel at ViT-S sizes; this one costs a few.
 //
 // Autograd: x, residual, weight and bias are differentiable; the dense mix_matrix is a constant; mean and
-// rstd are not differentiable (returned detached); no double backward (the gradients of a create_graph=True
-// backward raise when differentiated).  Works under compiled autograd.  straight_through runs the mixed
-// forward and an identity backward.  Gradients are not materialized: when residual_out gets no gradient (the usual
-// case), the backward op receives no d_residual_out instead of zeros.  x and residual receive the same
-// gradient tensor, as autograd's own x + residual does.  dweight / dbias come back in weight's / bias's
-// dtype.  Under torch.compile the formula is traced like any C++ autograd kernel: the forward and
+// rstd are not differentiable (returned detached); no double backward (the gradients of a
+// create_graph=True backward raise when differentiated).  Works under compiled autograd.  straight_through
+// runs the mixed forward and an identity backward.  Gradients are not materialized: when residual_out gets
+// no gradient (the usual case), the backward op receives no d_residual_out instead of zeros.  x and
+// residual receive the same gradient tensor, as autograd's own x + residual does.  dweight / dbias come
+// back in weight's / bias's dtype.  Under torch.compile the formula is traced like any C++ autograd kernel: the forward and
 // backward ops appear in the joint graph through their fakes (ops/mix_add_layernorm/cpp.py).
 #include "op_codes.h"
 #include "op_signatures.h"
@@ -111,10 +111,9 @@ class MixAddLayerNormFunction : public torch::autograd::Function<MixAddLayerNorm
           "noisynn mix_add_layernorm has no double backward: the gradients it computed (here, with "
           "create_graph=True) are not differentiable; for higher-order gradients use backend='reference'",
           torch::autograd::collect_next_edges(d_normed, d_residual_out, residual_out, weight));
-      for (size_t i = 0; i < 4; ++i) {
-        if (out[i].defined() && !out[i].requires_grad() && (i != 1 || !out[0].is_same(out[1]))) {
-          torch::autograd::set_history(out[i], error);
-        }
+      // out[1] is out[0]'s tensor (one history for both)
+      for (size_t i : {0, 2, 3}) {
+        if (out[i].defined()) torch::autograd::set_history(out[i], error);
       }
     }
     return out;

@@ -241,7 +241,7 @@ def mix_add_layernorm(x: torch.Tensor, residual: torch.Tensor | None = None, wei
     if key is not None:
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
-        # the config by weak reference, as in _validate's cache (spec.cfg is mix: the hit rebuilds the spec)
+        # the config by weak reference (spec.cfg is mix: a hit rebuilds the spec from mix and the rest)
         _PLANS[key] = (None, name, spec) if mix is None else (weakref.ref(mix), name, tuple(spec[1:]))
     return _mix_add_layernorm_op.LAUNCHERS[name](x, residual, weight, bias, eps, spec, mix_after_norm)
 
