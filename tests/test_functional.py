@@ -832,9 +832,11 @@ def test_mix_add_layernorm_backend_choice_is_cached_per_call_and_follows_the_env
             F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
     if _ext.backend_status("cpu", "cpu") is None:
         monkeypatch.setenv("NOISYNN_BACKEND", "cpu")
-        F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
-        F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
-        assert chosen[2:] == ["cpu", "cpu"]
+        first = F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+        again = F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
+        assert chosen[2:] == ["cpu"]  # the C++ backends: later calls go straight to the registered op
+        for one, two in zip(first, again):
+            assert torch.equal(one, two)
     monkeypatch.setenv("NOISYNN_BACKEND", "reference")
     F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1, backend="reference")
     F.mix_add_layernorm(x, r, w, b, mix=cfg, prefix_tokens=1)
@@ -843,6 +845,51 @@ def test_mix_add_layernorm_backend_choice_is_cached_per_call_and_follows_the_env
     del cfg
     gc.collect()
     assert ref() is None  # the cached choice does not keep the config alive
+
+
+@pytest.mark.parametrize("kind,axis,straight_through,after,has_res",
+                         [("shift", "tokens", False, False, True), ("optimal", "rows", True, False, True),
+                          ("identity", "tokens", False, True, False), (None, "tokens", False, False, True)])
+def test_mix_add_layernorm_direct_op_calls_match_the_launcher(monkeypatch, kind, axis, straight_through, after,
+                                                                has_res):
+    """After a call site's first call, the C++ backends' later calls go straight to the registered op
+    with the arguments the launcher built: outputs and every gradient are bitwise the launcher's, for
+    inputs that require grad and under no_grad."""
+    from noisynn_kernels import NoiseConfig, _ext, ops
+
+    if _ext.backend_status("cpu", "cpu") is not None:
+        pytest.skip(f"the compiled cpu backend is not built: {_ext.backend_status('cpu', 'cpu')}")
+    g = torch.Generator().manual_seed(5)
+    leaves = [torch.randn(2, 1 + 12, 24, generator=g), torch.randn(2, 1 + 12, 24, generator=g) if has_res else None,
+              torch.randn(24, generator=g), torch.randn(24, generator=g)]
+    cfg = None if kind is None else NoiseConfig(kind=kind, axis=axis, straight_through=straight_through)
+    gy = [torch.randn(2, 13, 24, generator=g) for _ in range(2)]
+
+    def run(launcher):
+        ts = [None if t is None else t.detach().clone().requires_grad_(True) for t in leaves]
+        if launcher:
+            spec = F.check_mix_add_layernorm(*ts, 1e-6, cfg, 1, (3, 4), after)
+            out = ops.mix_add_layernorm.LAUNCHERS["cpu"](*ts, 1e-6, spec, after)
+        else:
+            out = F.mix_add_layernorm(*ts, 1e-6, mix=cfg, prefix_tokens=1, grid=(3, 4), mix_after_norm=after,
+                                      backend="cpu")
+        grads = torch.autograd.grad(out, [t for t in ts if t is not None], gy)
+        with torch.no_grad():
+            out_ng = F.mix_add_layernorm(*leaves, 1e-6, mix=cfg, prefix_tokens=1, grid=(3, 4), mix_after_norm=after,
+                                         backend="cpu")
+        return [o.detach() for o in out] + list(grads) + list(out_ng)
+
+    expected = run(launcher=True)
+    monkeypatch.setattr(F, "_PLANS", {})
+    calls = []
+    real = ops.mix_add_layernorm.LAUNCHERS["cpu"]
+    monkeypatch.setitem(ops.mix_add_layernorm.LAUNCHERS, "cpu", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):
+        got = run(launcher=False)
+        assert len(got) == len(expected)
+        for a, e in zip(got, expected):
+            assert torch.equal(a, e)
+    assert len(calls) == 1  # the first call only: the rest went to the op directly
 
 
 def test_mix_add_layernorm_checks_are_cached_by_metadata(monkeypatch):

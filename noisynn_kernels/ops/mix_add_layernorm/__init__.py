@@ -41,7 +41,7 @@ from ... import quality, reference
 from ..._validate import MixSpec
 from ..common import autocast_off
 
-__all__ = ["LAUNCHERS", "launch_reference", "launch_triton", "launch_cpu", "launch_cuda"]
+__all__ = ["LAUNCHERS", "direct_call", "launch_reference", "launch_triton", "launch_cpu", "launch_cuda"]
 
 
 def launch_reference(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -93,6 +93,16 @@ def launch_cuda(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
                 spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``cuda`` backend (:func:`.cpp.launch_cuda`), imported on first use as the ``cpu`` one."""
     return _backend("cpp").launch_cuda(x, residual, weight, bias, eps, spec, mix_after_norm)
+
+
+def direct_call(name: str, x: Tensor, eps: float, spec: MixSpec, mix_after_norm: bool):
+    """After ``LAUNCHERS[name]`` ran a call with these arguments: for the C++ backends (``cpu``,
+    ``cuda``) the forward op and its trailing arguments, ``(op, tail)``, which the caller may call as
+    ``op(x, residual, weight, bias, *tail)`` for later calls of the same metadata instead of the launcher
+    (:func:`.cpp.direct_call`; ``None`` for ``dense``); ``None`` for the other backends."""
+    if name != "cpu" and name != "cuda":
+        return None
+    return _backend("cpp").direct_call(x, eps, spec, mix_after_norm)
 
 
 #: Backend name -> launcher.  Which backends can run here: :func:`noisynn_kernels.backend_info`.

@@ -23,9 +23,10 @@ from torch import Tensor
 from ..._ext import backend_status
 from ..._validate import MixSpec
 from ...errors import BackendUnavailableError, ShapeError
+from ..common import mix_args
 from .common import bwd_fake, fwd_fake, run_fwd
 
-__all__ = ["available", "launch_cpu", "launch_cuda", "SUPPORTED_DTYPES"]
+__all__ = ["available", "launch_cpu", "launch_cuda", "direct_call", "SUPPORTED_DTYPES"]
 
 #: Activation dtypes the C++ kernels take.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,3 +76,16 @@ def launch_cuda(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
                 spec: MixSpec, mix_after_norm: bool) -> tuple[Tensor, Tensor]:
     """The ``cuda`` backend: the CUDA C++ kernels on checked arguments; ``(normed, residual_out)``."""
     return _launch("cuda", x, residual, weight, bias, eps, spec, mix_after_norm)
+
+
+def direct_call(x: Tensor, eps: float, spec: MixSpec, mix_after_norm: bool):
+    """The forward op and its trailing schema arguments for a call that :func:`launch_cpu` /
+    :func:`launch_cuda` has just run with these arguments: ``(op, tail)`` such that
+    ``op(x, residual, weight, bias, *tail)[:2]`` is that launcher's result for any tensors of the same
+    shapes, dtypes and device, so that a caller that keys its cache on those (the public
+    ``mix_add_layernorm``) can skip the launcher's per-call work.  ``None`` for ``dense``: its matrix is
+    looked up on every call (``Q`` may have been written in place, or made to require grad)."""
+    if spec.cfg.kind == "dense":
+        return None
+    return (torch.ops.noisynn.mix_add_layernorm_fwd_cpp.default,
+            (float(eps), *mix_args(spec, x.device), mix_after_norm, bool(spec.cfg.straight_through)))
