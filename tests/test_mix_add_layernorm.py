@@ -165,6 +165,40 @@ def test_optimal_long_group(oracle, mix_after_norm):
     oracle.run_case(1, 2 + 1040, 2048, 2, "optimal", "tokens", mix_after_norm, torch.float32, has_w=True)
 
 
+@backends(*KERNELS)
+@pytest.mark.parametrize("kind,mix_after_norm", [("identity", False), ("shift", False), ("optimal", False),
+                                                 ("dense", False), ("optimal", True)])
+@pytest.mark.parametrize("D", (7, 64, 1024))
+def test_row_statistics_as_accurate_as_torch_layernorm(backend, kind, mix_after_norm, D):
+    """The LayerNorm statistics of every row (the op's ``rstd`` output, of the rows of ``residual_out``)
+    within 4x the error of torch's own fp32 LayerNorm of the same rows, against fp64, on rows built to
+    break a one-pass variance: a large offset, and outliers among the first 8 values (the CPU kernels take
+    mean and variance in one pass about the mean of those 8 and need a second pass where it lies far from
+    the row's mean: without it, rows with 8 equal outliers up front at D = 1024 lose about 100x)."""
+    fwd, _ = _ops(backend.name)
+    g = torch.Generator().manual_seed(11)
+    B, N = 2, 1 + 16
+    x = torch.randn(B, N, D, generator=g, dtype=torch.float64) * 3 + 50
+    x[0, 1::3, : min(D, 8)] = 1e4                   # 8 equal outliers up front
+    x[0, 2::3, 0] = -3e3                            # one
+    x[1, 1::2, 3 % D] = 2e3                         # one, not first
+    x[1, 2::4] = x[1, 2::4] * 1e-3 + 7.5            # a large offset against a small spread
+    x = x.float().to(backend.device)
+    cfg = make_config(kind, "tokens", N - 1)
+    spec = nk._validate.check_mix_add_layernorm(x, None, None, None, 1e-6, cfg, 1, None, mix_after_norm)
+    from noisynn_kernels.ops.common import mix_args
+
+    with torch.no_grad():
+        _, rows, _, rstd = fwd(x, None, None, None, 1e-6, *mix_args(spec, x.device), mix_after_norm, False)
+    rows = rows.reshape(-1, D).cpu()
+    exact = 1 / (rows.double().var(-1, unbiased=False) + 1e-6).sqrt()
+    _, _, torch_rstd = torch.native_layer_norm(rows, (D,), None, None, 1e-6)
+    err = ((rstd.cpu().double().reshape(-1) - exact) / exact).abs()
+    err_torch = ((torch_rstd.double().reshape(-1) - exact) / exact).abs()
+    bound = 4 * err_torch.max().item() + 2 ** -24
+    assert err.max().item() <= bound, (err.max().item(), err_torch.max().item())
+
+
 @backends(*ALL)
 @pytest.mark.parametrize("kind", MIXING)
 @pytest.mark.parametrize("mix_after_norm", (False, True))

@@ -82,6 +82,22 @@ inline float row_reduce(int64_t D, Vec&& vec, One&& one) {
   return s;
 }
 
+// Two sums in row_reduce's order at once: vec(d, s, q) adds the terms d .. d + 7 into the 8-lane s and
+// q, one(d, s, q) adds term d of the tail to the scalars s and q.
+template <typename Vec, typename One>
+inline void row_reduce2(int64_t D, Vec&& vec, One&& one, float& s, float& q) {
+  F8 s0 = {}, s1 = {}, q0 = {}, q1 = {};
+  int64_t d = 0;
+  for (; d + 2 * W <= D; d += 2 * W) {
+    vec(d, s0, q0);
+    vec(d + W, s1, q1);
+  }
+  for (; d + W <= D; d += W) vec(d, s0, q0);
+  s = hsum8(s0 + s1);
+  q = hsum8(q0 + q1);
+  for (; d < D; ++d) one(d, s, q);
+}
+
 // sum of (v - mean)^2 over a row
 inline float row_sq_dev(const float* v, float mean, int64_t D) {
   return row_reduce(
@@ -115,11 +131,6 @@ inline void load_sum_row(const T* __restrict__ a, const T* __restrict__ b, float
   }
 }
 
-// sum of (v - c) over a row
-inline float row_sum_minus(const float* v, float c, int64_t D) {
-  return row_reduce(D, [&](int64_t d, F8& acc) { acc += load8(v + d) - c; }, [&](int64_t d) { return v[d] - c; });
-}
-
 // 8 consecutive values of a row as fp32 / stored from fp32 in the row's dtype.  The vector is passed by
 // reference (as to hsum8): a 32-byte vector passed by value, or returned from a function that is not
 // inlined (these are not, for bf16 / fp16), draws GCC's calling-convention note in the baseline build.
@@ -141,41 +152,77 @@ inline void store8_t(T* p, const F8& v) {
   }
 }
 
-// The mean of a row is taken relative to its first element: exact for a constant row (which then
-// normalizes to exactly 0, as torch's LayerNorm does), and less rounding where the row's offset is
-// large against its spread.  row_sum_minus(v, v[0]) / D + v[0] is that mean.
-inline float row_mean(const float* v, int64_t D) {
-  return v[0] + row_sum_minus(v, v[0], D) / static_cast<float>(D);
-}
-
 // 1/std of a row around its mean (two-pass variance, as the reference)
 inline float row_rstd(const float* v, float mean, int64_t D, float eps) {
   return 1.0f / std::sqrt(row_sq_dev(v, mean, D) / static_cast<float>(D) + eps);
 }
 
-// Stores the fp32 row v into dst (dst's dtype) and returns row_mean(v): one pass instead of two, the
-// same additions in the same order as row_sum_minus.
-template <typename T>
-inline float store_row_mean(const float* v, T* __restrict__ dst, int64_t D) {
-  const float c = v[0];
-  const float sum = row_reduce(
-      D,
-      [&](int64_t d, F8& acc) {
-        const F8 x = load8(v + d);
-        store8_t(dst + d, x);
-        acc += x - c;
-      },
-      [&](int64_t d) {
-        dst[d] = static_cast<T>(v[d]);
-        return v[d] - c;
-      });
-  return c + sum / static_cast<float>(D);
+// One pass gives the LayerNorm statistics of a row v: with a centre c (row_centre), s1 = sum(v - c) and
+// s2 = sum((v - c)^2), mean = c + s1 / D and var = s2 / D - (s1 / D)^2.  The subtraction's rounding
+// error grows with (mean - c)^2 / var, so c is the mean of the row's first 8 values (for Gaussian rows
+// about 0.35 standard deviations from the mean, where the result is as accurate as torch's own fp32
+// LayerNorm); where c lies more than kOnePassDeviations standard deviations from the mean (an outlier
+// among the first 8 values; about 0.5% of Gaussian rows) the variance is taken in a second pass over v
+// (row_rstd) instead.  A constant row has c exactly
+// its value and s1 = s2 = 0: mean exactly c, var exactly 0 (it normalizes to exactly 0, as torch's
+// LayerNorm does).  NaN / inf take the second pass and propagate.
+constexpr float kOnePassDeviations = 1.0f;
+
+// The centre of a row whose first 8 values are v8 (D >= 8): their mean (hsum8 of equal values and the
+// scaling by 1/8 are exact, so a constant row's centre is its value).
+inline float row_centre(const F8& v8) { return hsum8(v8) * 0.125f; }
+
+inline std::pair<float, float> finish_stats(const float* v, float c, float s1, float s2, int64_t D, float eps) {
+  const float dm = s1 / static_cast<float>(D);
+  const float mean = c + dm;
+  const float var = s2 / static_cast<float>(D) - dm * dm;
+  if (!(dm * dm <= (kOnePassDeviations * kOnePassDeviations) * var)) return {mean, row_rstd(v, mean, D, eps)};
+  return {mean, 1.0f / std::sqrt(var + eps)};
 }
 
-// mean and 1/std of a row
+// Stores the fp32 row v into dst (dst's dtype) and returns its (mean, rstd) (finish_stats): one pass
+// over v instead of three.
+template <typename T>
+inline std::pair<float, float> store_row_stats(const float* v, T* __restrict__ dst, int64_t D, float eps) {
+  const float c = D >= W ? row_centre(load8(v)) : v[0];
+  float s1, s2;
+  row_reduce2(
+      D,
+      [&](int64_t d, F8& s, F8& q) {
+        const F8 x = load8(v + d);
+        store8_t(dst + d, x);
+        const F8 y = x - c;
+        s += y;
+        q += y * y;
+      },
+      [&](int64_t d, float& s, float& q) {
+        dst[d] = static_cast<T>(v[d]);
+        const float y = v[d] - c;
+        s += y;
+        q += y * y;
+      },
+      s1, s2);
+  return finish_stats(v, c, s1, s2, D, eps);
+}
+
+// mean and 1/std of a row (finish_stats)
 inline std::pair<float, float> row_stats(const float* v, int64_t D, float eps) {
-  const float mean = row_mean(v, D);
-  return {mean, row_rstd(v, mean, D, eps)};
+  const float c = D >= W ? row_centre(load8(v)) : v[0];
+  float s1, s2;
+  row_reduce2(
+      D,
+      [&](int64_t d, F8& s, F8& q) {
+        const F8 y = load8(v + d) - c;
+        s += y;
+        q += y * y;
+      },
+      [&](int64_t d, float& s, float& q) {
+        const float y = v[d] - c;
+        s += y;
+        q += y * y;
+      },
+      s1, s2);
+  return finish_stats(v, c, s1, s2, D, eps);
 }
 
 // LayerNorm backward of one row in two passes over it (the row stays in L1 between them):
@@ -264,14 +311,27 @@ inline void normalize_store(const float* v, float mean, float rstd, const float*
 }
 
 // s = a + b (kRes; else a) of one row: written to v (fp32) and, with kOut, to out (its dtype); returns
-// row_mean(s), with the same additions in the same order (one pass instead of three).
+// its (mean, rstd) (finish_stats) from the same pass.
 template <bool kRes, bool kOut, typename T>
-inline float add_store_row_mean(const T* __restrict__ a, const T* __restrict__ b, float* __restrict__ v,
-                                T* __restrict__ out, int64_t D) {
-  const float c = static_cast<float>(a[0]) + (kRes ? static_cast<float>(b[0]) : 0.0f);
-  const float sum = row_reduce(
+inline std::pair<float, float> add_store_row_stats(const T* __restrict__ a, const T* __restrict__ b,
+                                                   float* __restrict__ v, T* __restrict__ out, int64_t D, float eps) {
+  float c;
+  if (D >= W) {
+    F8 x;
+    load8_f(a, x);
+    if constexpr (kRes) {
+      F8 y;
+      load8_f(b, y);
+      x += y;
+    }
+    c = row_centre(x);
+  } else {
+    c = static_cast<float>(a[0]) + (kRes ? static_cast<float>(b[0]) : 0.0f);
+  }
+  float s1, s2;
+  row_reduce2(
       D,
-      [&](int64_t d, F8& acc) {
+      [&](int64_t d, F8& s, F8& q) {
         F8 x;
         load8_f(a + d, x);
         if constexpr (kRes) {
@@ -281,15 +341,20 @@ inline float add_store_row_mean(const T* __restrict__ a, const T* __restrict__ b
         }
         std::memcpy(v + d, &x, sizeof(x));
         if constexpr (kOut) store8_t(out + d, x);
-        acc += x - c;
+        const F8 y = x - c;
+        s += y;
+        q += y * y;
       },
-      [&](int64_t d) {
+      [&](int64_t d, float& s, float& q) {
         const float x = static_cast<float>(a[d]) + (kRes ? static_cast<float>(b[d]) : 0.0f);
         v[d] = x;
         if constexpr (kOut) out[d] = static_cast<T>(x);
-        return x - c;
-      });
-  return c + sum / static_cast<float>(D);
+        const float y = x - c;
+        s += y;
+        q += y * y;
+      },
+      s1, s2);
+  return finish_stats(v, c, s1, s2, D, eps);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -574,34 +639,40 @@ void run_rows(const Geometry& G, int64_t kind, float alpha, const float* mix, bo
 // forward
 
 // y = f(d) (8 values: vec(d, y); one value: one(d)) written to v (fp32) and, with kOut, to out (its
-// dtype); returns row_mean(y) with the additions of store_row_mean.  vec(0, y) / one(0) runs once more
-// first, for the centre y[0]: it must give the same value again and may only repeat side effects.
+// dtype); returns y's (mean, rstd) (finish_stats) from the same pass.  vec(0, y) / one(0) runs once more
+// first, for the centre (row_centre): it must give the same values again and may only repeat side effects.
 template <bool kOut, typename T, typename Vec, typename One>
-inline float map_store_row_mean(int64_t D, float* v, T* out, Vec&& vec, One&& one) {
+inline std::pair<float, float> map_store_row_stats(int64_t D, float* v, T* out, float eps, Vec&& vec, One&& one) {
   float c;
   if (D >= W) {
     F8 y;
     vec(int64_t(0), y);
-    c = y[0];
+    c = row_centre(y);
   } else {
     c = one(int64_t(0));
   }
-  const float sum = row_reduce(
+  float s1, s2;
+  row_reduce2(
       D,
-      [&](int64_t d, F8& acc) {
+      [&](int64_t d, F8& s, F8& q) {
         F8 y;
         vec(d, y);
         store8(v + d, y);
         if constexpr (kOut) store8_t(out + d, y);
-        acc += y - c;
+        const F8 e = y - c;
+        s += e;
+        q += e * e;
       },
-      [&](int64_t d) {
+      [&](int64_t d, float& s, float& q) {
         const float y = one(d);
         v[d] = y;
         if constexpr (kOut) out[d] = static_cast<T>(y);
-        return y - c;
-      });
-  return c + sum / static_cast<float>(D);
+        const float e = y - c;
+        s += e;
+        q += e * e;
+      },
+      s1, s2);
+  return finish_stats(v, c, s1, s2, D, eps);
 }
 
 // The forward's pointers (FwdArgs, typed).
@@ -653,15 +724,15 @@ void fwd_mix_bundle(const Geometry& G, int64_t g0, int64_t nb, int64_t kind, flo
   auto emit = [&](int64_t r, auto&& vec, auto&& one) {
     T* o = R.rout + r * D;
     float* v;
-    float mu;
+    std::pair<float, float> st;
     if constexpr (std::is_same_v<T, float>) {
       v = o;
-      mu = map_store_row_mean<false>(D, v, o, vec, one);
+      st = map_store_row_stats<false>(D, v, o, R.eps, vec, one);
     } else {
       v = scratch;
-      mu = map_store_row_mean<true>(D, v, o, vec, one);
+      st = map_store_row_stats<true>(D, v, o, R.eps, vec, one);
     }
-    const float rs = row_rstd(v, mu, D, R.eps);
+    const auto [mu, rs] = st;
     R.mean[r] = mu;
     R.rstd[r] = rs;
     normalize_store(v, mu, rs, R.w, R.b, R.normed + r * D, D);
@@ -758,16 +829,16 @@ void fwd_impl(const FwdArgs& A) {
           const T* xr = xp + row * D;
           const T* rr = kRes ? rp + row * D : nullptr;
           T* o = op + row * D;
-          float mu;
+          std::pair<float, float> st;
           float* v;
           if constexpr (std::is_same_v<T, float>) {
             v = o;
-            mu = add_store_row_mean<kRes, false>(xr, rr, v, o, D);
+            st = add_store_row_stats<kRes, false>(xr, rr, v, o, D, eps);
           } else {
             v = buf.data();
-            mu = add_store_row_mean<kRes, true>(xr, rr, v, o, D);
+            st = add_store_row_stats<kRes, true>(xr, rr, v, o, D, eps);
           }
-          const float rs = row_rstd(v, mu, D, eps);
+          const auto [mu, rs] = st;
           mp[row] = mu;
           sp[row] = rs;
           normalize_store(v, mu, rs, wp, bp, yp + row * D, D);
@@ -785,8 +856,7 @@ void fwd_impl(const FwdArgs& A) {
     // residual_out = M s, normed = LN(residual_out)
     auto src = [=](int64_t row, float* out, bool, float*) { add(row, out); };
     auto sink = [=](int64_t row, float* v, float*) {
-      const float mu = store_row_mean(v, op + row * D, D);  // residual_out and the mean in one pass
-      const float rs = row_rstd(v, mu, D, eps);
+      const auto [mu, rs] = store_row_stats(v, op + row * D, D, eps);  // residual_out and the stats in one pass
       mp[row] = mu;
       sp[row] = rs;
       normalize_store(v, mu, rs, wp, bp, yp + row * D, D);  // straight into the output: no extra copy

@@ -351,7 +351,7 @@ __global__ void __launch_bounds__(kMaxThreads) mix_ln_rows_kernel(const RowParam
     const bool write_final = active && (p.final_patch || !at.patch);
 
     if constexpr (STAGE == FWD_LN) {
-      // two-pass statistics of the fp32 row, as the CPU kernel
+      // two-pass statistics of the fp32 row (the reference's formula)
       lane_sum<1>(total, red);
       const float mu = total[0] / static_cast<float>(D);
       float sq[1] = {0.0f};
